@@ -1,0 +1,68 @@
+"""The data that crosses the aggregator/agent boundary: Plan, Update, Report.
+
+LoRA state is always keyed by the *original* transformer layer index, whatever
+subset of layers a device runs.  Inside a layer, tensors are named
+``"<module path inside the layer>.A"`` / ``".B"``, for example
+``"attention.self.query.A"`` (shape ``(rank, in)``) and
+``"attention.self.query.B"`` (shape ``(out, rank)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+LayerState = dict[str, torch.Tensor]  # "<module>.A" / "<module>.B" -> tensor
+LoraState = dict[int, LayerState]  # original layer index -> that layer's LoRA factors
+HeadState = dict[str, torch.Tensor]  # classifier head parameters by name
+
+
+@dataclass
+class Plan:
+    """What one device does in one round (DESIGN section 3)."""
+
+    ranks: dict[int, int]  # LoRA rank per original layer index; 0 = no LoRA there
+    layers: list[int] | None = None  # layers resident on the device; None = all
+    drop: dict[int, float] = field(default_factory=dict)  # per-layer skip probability
+    personal: list[int] = field(default_factory=list)  # layers whose LoRA never leaves the device
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 5e-4
+
+    def resident(self, num_layers: int) -> list[int]:
+        return list(range(num_layers)) if self.layers is None else sorted(self.layers)
+
+    def trained(self, num_layers: int) -> list[int]:
+        """Layers that carry LoRA on the device."""
+        return [l for l in self.resident(num_layers) if self.ranks.get(l, 0) > 0]
+
+    def shared(self, num_layers: int) -> list[int]:
+        """Layers whose LoRA travels (down in the plan, up in the update)."""
+        return [l for l in self.trained(num_layers) if l not in self.personal]
+
+
+@dataclass
+class Report:
+    """What a device measured during its round."""
+
+    compute_s: float = 0.0  # seconds of local training (wall)
+    step_s: float = 0.0  # median seconds per training step (wall)
+    peak_train_mem_mb: float = 0.0  # counted training footprint (see testbed.memory)
+    peak_rss_mb: float = 0.0  # process peak resident set size
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class Update:
+    """What a device returns after a round: sparse per-layer LoRA plus the head."""
+
+    device: str
+    round: int
+    lora: LoraState  # only layers trained and shared
+    head: HeadState
+    samples: int
+    active_steps: dict[int, int]  # per layer: steps in which it was active
+    steps: int
+    loss: float
+    report: Report = field(default_factory=Report)
