@@ -1,0 +1,51 @@
+"""The device side: turns a Plan and the LoRA it needs into an Update.
+
+The agent is the same object under every transport; only how its inputs arrive
+and its Update leaves differs.
+"""
+from __future__ import annotations
+
+import zlib
+
+from agents.trainer import train_plan
+from testbed.config import ExperimentConfig
+from testbed.data import Shard, Tokens
+from testbed.memory import peak_rss_mb
+from testbed.model import Backbone, init_lora, model_info
+from testbed.plan import HeadState, LoraState, Plan, Report, Update
+
+
+class Agent:
+    def __init__(self, device: str, cfg: ExperimentConfig, bb: Backbone, tokens: Tokens, shard: Shard):
+        self.device = device
+        self.cfg = cfg
+        self.bb = bb
+        self.tokens = tokens
+        self.shard = shard
+        self.personal: LoraState = {}  # layers whose LoRA stays here (PTLS)
+
+    def run(self, round: int, plan: Plan, lora: LoraState, head: HeadState) -> Update:
+        lora = {**lora, **self._personal_layers(plan)}
+        seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
+        res = train_plan(self.bb, plan, lora, head, self.tokens, self.shard.train,
+                         self.cfg.model.lora, self.cfg.train, seed)
+        shared = set(plan.shared(self.bb.num_layers))
+        self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
+        report = Report(compute_s=res.compute_s, step_s=res.step_s,
+                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb())
+        return Update(device=self.device, round=round,
+                      lora={l: t for l, t in res.lora.items() if l in shared}, head=res.head,
+                      samples=len(self.shard.train), active_steps=res.active_steps,
+                      steps=plan.local_steps, loss=res.loss, report=report)
+
+    def _personal_layers(self, plan: Plan) -> LoraState:
+        """This device's own factors for its personal layers, started like the global ones."""
+        mine = {}
+        for l in plan.personal:
+            if plan.ranks.get(l, 0) <= 0:
+                continue
+            if l not in self.personal:
+                self.personal.update(init_lora(model_info(self.bb), [l], self.cfg.model.lora.rank, self.cfg.seed))
+            r = plan.ranks[l]
+            mine[l] = {n: (t[:r] if n.endswith(".A") else t[:, :r]) for n, t in self.personal[l].items()}
+        return mine

@@ -1,0 +1,78 @@
+"""Local training of one plan on one device's shard."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from testbed.config import LoraConfig, TrainConfig
+from testbed.data import Tokens
+from testbed.memory import MB, SavedTensorCounter, training_footprint
+from testbed.model import Backbone, get_head, get_lora, lora_applied, running_layers, set_head, set_lora
+from testbed.plan import HeadState, LoraState, Plan
+
+
+@dataclass
+class TrainResult:
+    lora: LoraState  # every layer that carried LoRA, personal ones included
+    head: HeadState
+    active_steps: dict[int, int]
+    loss: float
+    compute_s: float
+    step_s: float
+    footprint_mb: float
+
+
+def batches(indices: list[int], steps: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """`steps` batches drawn without replacement, reshuffling when the shard runs out."""
+    out, pool = [], []
+    for _ in range(steps):
+        batch = []
+        while len(batch) < batch_size:
+            if not pool:
+                pool = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
+            batch.append(pool.pop())
+        out.append(batch)
+    return out
+
+
+def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, tokens: Tokens,
+               indices: list[int], lora_cfg: LoraConfig, train_cfg: TrainConfig, seed: int) -> TrainResult:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # model dropout
+    resident = plan.resident(bb.num_layers)
+    ranks = {l: plan.ranks.get(l, 0) for l in resident}
+    active_steps = {l: 0 for l in resident}
+    losses, times, peak_saved = [], [], 0
+    with lora_applied(bb, ranks, lora_cfg) as model:
+        if any(ranks.values()):
+            set_lora(bb, model, lora)
+        set_head(bb, head)
+        for p in bb.head_params().values():
+            p.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=train_cfg.weight_decay)
+        model.train()
+        counter = SavedTensorCounter(model)
+        start = time.perf_counter()
+        for batch in batches(indices, plan.local_steps, plan.batch_size, gen):
+            t0 = time.perf_counter()
+            keep = [l for l in resident if torch.rand((), generator=gen).item() >= plan.drop.get(l, 0.0)]
+            with running_layers(bb, keep), counter:
+                loss = model(**tokens.take(batch)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for l in keep:
+                active_steps[l] += 1
+            losses.append(loss.item())
+            peak_saved = max(peak_saved, counter.bytes)
+            times.append(time.perf_counter() - t0)
+        compute_s = time.perf_counter() - start
+        footprint = training_footprint(model, peak_saved)
+        trained = get_lora(bb, model) if any(ranks.values()) else {}
+        result = TrainResult(trained, get_head(bb), active_steps, statistics.fmean(losses),
+                             compute_s, statistics.median(times), footprint / MB)
+    return result

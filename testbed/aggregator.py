@@ -1,0 +1,113 @@
+"""The aggregator's round loop (DESIGN section 4), the same for every transport."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from testbed.evaluate import evaluate
+from testbed.experiment import Experiment
+from testbed.memory import peak_rss_mb
+from testbed.metrics import RunLog, summarise, table
+from testbed.model import get_head, init_lora
+from testbed.state import GlobalState
+from testbed.strategies import STRATEGIES, Context, Strategy
+from testbed.transport import Job, Transport
+
+
+def initial_state(exp: Experiment, max_rank: int) -> GlobalState:
+    layers = list(range(exp.info.num_layers))
+    return GlobalState(init_lora(exp.info, layers, max_rank, exp.cfg.seed), get_head(exp.bb))
+
+
+def make_strategy(exp: Experiment) -> Strategy:
+    samples = {d: len(s.train) for d, s in exp.data.shards.items()}
+    ctx = Context(exp.cfg, exp.info, exp.devices, samples, exp.cost)
+    return STRATEGIES[exp.cfg.strategy.name](ctx, initial_state(exp, exp.cfg.model.lora.rank))
+
+
+class Aggregator:
+    def __init__(self, exp: Experiment, transport: Transport, out: Path, quiet: bool = False):
+        self.exp = exp
+        self.cfg = exp.cfg
+        self.transport = transport
+        self.strategy = make_strategy(exp)
+        self.log = RunLog(out, exp.cfg)
+        self.quiet = quiet
+        self.clock_s = 0.0
+        self.wall_s = 0.0
+        self.devices: dict[str, dict] = {}
+        self.failures: list[dict] = []
+
+    def run(self) -> dict:
+        bar = tqdm(range(self.cfg.rounds), desc=self.cfg.strategy.name, unit="round",
+                   disable=self.quiet, file=sys.stderr, dynamic_ncols=True)
+        for r in bar:
+            row = self.round(r)
+            if row.get("accuracy") is not None:
+                bar.set_postfix(acc=f"{row['accuracy']:.3f}", clock=f"{row['clock_s']:.0f}s")
+        summary = summarise(self.log.rows, self.cfg.strategy.name, self.cfg, self.devices, self.failures)
+        self.log.summary(summary)
+        if not self.quiet:
+            print(table(summary))
+        return summary
+
+    def round(self, r: int) -> dict:
+        start = time.perf_counter()
+        state, strategy = self.strategy.state, self.strategy
+        plans = strategy.plan(r, list(self.exp.devices))
+        jobs = {d: Job(p, state.downlink(p, self.exp.info.num_layers), state.head) for d, p in plans.items()}
+        result = self.transport.run_round(r, jobs)
+        updates = [result.updates[d] for d in plans if d in result.updates]
+        if updates:
+            strategy.aggregate(r, updates)
+        state.round = r + 1
+        self.failures += [dataclasses.asdict(f) for f in result.failures]
+        metrics = self.evaluate(r)
+        strategy.observe(r, {u.device: u.report for u in updates}, metrics)
+        per_device = [self.device_record(plans[u.device], u) for u in updates]
+        self.clock_s += self.round_clock(per_device, time.perf_counter() - start)
+        self.wall_s += time.perf_counter() - start
+        row = {"round": r, "clock": self.cfg.clock, "clock_s": self.clock_s, "wall_s": self.wall_s,
+               "accuracy": metrics.get("accuracy"), "test_loss": metrics.get("loss"),
+               "loss": sum(u.loss * u.samples for u in updates) / max(sum(u.samples for u in updates), 1),
+               "bytes_up": sum(u.report.bytes_up for u in updates),
+               "bytes_down": sum(u.report.bytes_down for u in updates),
+               "devices": per_device, "failures": [f.device for f in result.failures]}
+        self.log.row(row)
+        self.log.checkpoint({"round": r, "lora": state.lora, "head": state.head,
+                             "strategy": strategy.state_dict(), "clock_s": self.clock_s})
+        return row
+
+    def evaluate(self, r: int) -> dict:
+        if (r + 1) % self.cfg.eval_every and r + 1 != self.cfg.rounds:
+            return {}
+        state = self.strategy.state
+        return evaluate(self.exp.bb, state.lora, state.head, self.exp.data.test, self.cfg.model.lora,
+                        self.cfg.train.eval_batch_size)
+
+    def device_record(self, plan, u) -> dict:
+        device = self.exp.devices[u.device]
+        rec = {"device": u.device, "class": device.device_class,
+               "clock_s": self.exp.cost.round_seconds(device, plan), "wall_s": u.report.compute_s,
+               "loss": u.loss, "layers": len(plan.trained(self.exp.info.num_layers)),
+               "peak_train_mem_mb": round(u.report.peak_train_mem_mb, 3),
+               "bytes_up": u.report.bytes_up, "bytes_down": u.report.bytes_down}
+        total = self.devices.setdefault(u.device, {"class": device.device_class, "rounds": 0,
+                                                   "peak_train_mem_mb": 0.0, "peak_rss_mb": 0.0,
+                                                   "bytes_up": 0, "bytes_down": 0})
+        total["rounds"] += 1
+        total["peak_train_mem_mb"] = max(total["peak_train_mem_mb"], rec["peak_train_mem_mb"])
+        total["peak_rss_mb"] = max(total["peak_rss_mb"], u.report.peak_rss_mb)
+        total["bytes_up"] += u.report.bytes_up
+        total["bytes_down"] += u.report.bytes_down
+        return rec
+
+    def round_clock(self, per_device: list[dict], wall: float) -> float:
+        """A synchronous round lasts as long as its slowest device."""
+        if self.cfg.clock == "wall":
+            return wall
+        return max((d["clock_s"] for d in per_device), default=0.0)

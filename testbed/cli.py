@@ -1,0 +1,49 @@
+"""The `testbed` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from testbed.config import load_config
+from testbed.errors import TestbedError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except TestbedError as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("testbed: interrupted", file=sys.stderr)
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="testbed", description="Federated LoRA fine-tuning testbed.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run one experiment from a YAML config")
+    run.add_argument("config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+    run.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or final table")
+    run.set_defaults(func=cmd_run)
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from testbed.run import run_inprocess
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"testbed: run directory {out}", file=sys.stderr)
+    run_inprocess(cfg, out, args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

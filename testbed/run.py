@@ -1,0 +1,16 @@
+"""One experiment in this process with the in-process transport."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from agents.agent import Agent
+from testbed.aggregator import Aggregator
+from testbed.config import ExperimentConfig
+from testbed.experiment import setup
+from testbed.transport import InProcess
+
+
+def run_inprocess(cfg: ExperimentConfig, out: Path, quiet: bool = False) -> dict:
+    exp = setup(cfg)
+    agents = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d]) for d in exp.devices}
+    return Aggregator(exp, InProcess(agents), out, quiet).run()

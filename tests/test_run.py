@@ -1,0 +1,91 @@
+"""End-to-end in-process runs on a tiny model: outputs, determinism, CLI errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from testbed.config import from_dict
+from testbed.run import run_inprocess
+from tests.conftest import ROOT, tiny_config
+
+
+def strip_wall(obj):
+    if isinstance(obj, dict):
+        return {k: strip_wall(v) for k, v in obj.items() if k != "wall_s"}
+    if isinstance(obj, list):
+        return [strip_wall(v) for v in obj]
+    return obj
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_config_metrics_and_summary(tiny_bert, tmp_path):
+    cfg = from_dict(tiny_config(tiny_bert, rounds=3, eval_every=2))
+    summary = run_inprocess(cfg, tmp_path, quiet=True)
+    rows = read_rows(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["accuracy"] is None and rows[1]["accuracy"] is not None and rows[2]["accuracy"] is not None
+    for r in rows:
+        assert {"round", "clock_s", "wall_s", "accuracy", "loss", "bytes_up", "bytes_down", "devices"} <= set(r)
+        assert len(r["devices"]) == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert rows[2]["clock_s"] > rows[1]["clock_s"] > rows[0]["clock_s"] > 0
+    for key in ["method", "rounds", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
+                "clock", "bytes_up", "bytes_down", "peak_train_mem_mb", "peak_rss_mb", "devices", "failures"]:
+        assert key in summary
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows)
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_modelled_clock_runs_are_identical_but_for_wall_time(tiny_bert, tmp_path):
+    cfg = from_dict(tiny_config(tiny_bert, **{"data.partition": "dirichlet", "strategy.clients_per_round": 2}))
+    run_inprocess(cfg, tmp_path / "a", quiet=True)
+    run_inprocess(cfg, tmp_path / "b", quiet=True)
+    a, b = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")
+    assert strip_wall(a) == strip_wall(b)
+    assert all(len(r["devices"]) == 2 for r in a)  # client sampling
+    other = from_dict(tiny_config(tiny_bert, seed=1))
+    run_inprocess(other, tmp_path / "c", quiet=True)
+    assert strip_wall(read_rows(tmp_path / "c")) != strip_wall(a)
+
+
+def test_fedlora_learns_the_synthetic_task(tiny_bert, tmp_path):
+    cfg = from_dict(tiny_config(tiny_bert, rounds=6, **{"train.local_steps": 8, "train.lr": 3e-3,
+                                                        "data.synthetic_train": 400}))
+    summary = run_inprocess(cfg, tmp_path, quiet=True)
+    assert summary["best_accuracy"] > 0.5  # chance is 0.25
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    (["data.source=files", "data.train_file=missing.csv", "data.test_file=missing.csv"], "data.train_file"),
+    (["model.name=no-such-org/no-such-model"], "model.name"),
+    (["data.alpha=0", "data.partition=dirichlet"], "data.alpha"),
+    (["devices.laptop=400"], "devices"),
+    (["devices.pocket-calculator=1"], "pocket-calculator"),
+])
+def test_cli_user_errors_are_one_line(tiny_bert, tmp_path, overrides, culprit):
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_bert)))
+    args = [sys.executable, "-m", "testbed.cli", "run", str(config), "--out", str(tmp_path / "out"), "--quiet"]
+    for o in overrides:
+        args += ["--set", o]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("testbed: error:")]
+    assert len(errors) == 1 and culprit in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_label_column_on_real_csv(ag_news, tiny_bert, tmp_path):
+    cfg = tiny_config(tiny_bert, **{"data.source": "files", "data.train_file": str(ag_news / "train.csv"),
+                                    "data.test_file": str(ag_news / "test.csv"), "data.label_column": "topic"})
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(config), "--quiet"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "data.label_column: column 'topic'" in proc.stderr
