@@ -1,5 +1,6 @@
 """End-to-end in-process runs on a tiny model: outputs, determinism, CLI errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,12 @@ def strip_wall(obj):
     if isinstance(obj, list):
         return [strip_wall(v) for v in obj]
     return obj
+
+
+def cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
 
 
 def read_rows(out):
@@ -54,11 +61,13 @@ def test_modelled_clock_runs_are_identical_but_for_wall_time(tiny_bert, tmp_path
     assert strip_wall(read_rows(tmp_path / "c")) != strip_wall(a)
 
 
-def test_fedlora_learns_the_synthetic_task(tiny_bert, tmp_path):
-    cfg = from_dict(tiny_config(tiny_bert, rounds=6, **{"train.local_steps": 8, "train.lr": 3e-3,
-                                                        "data.synthetic_train": 400}))
+@pytest.mark.model
+def test_fedlora_on_minilm_learns_the_synthetic_task(tmp_path):
+    cfg = from_dict(tiny_config("minilm", rounds=2, **{"model.max_length": 32, "train.local_steps": 10,
+                                                       "train.batch_size": 16, "devices": {"laptop": 2},
+                                                       "data.synthetic_train": 600, "data.synthetic_test": 200}))
     summary = run_inprocess(cfg, tmp_path, quiet=True)
-    assert summary["best_accuracy"] > 0.5  # chance is 0.25
+    assert summary["final_accuracy"] > 0.6  # chance is 0.25
 
 
 @pytest.mark.parametrize("overrides, culprit", [
@@ -71,10 +80,10 @@ def test_fedlora_learns_the_synthetic_task(tiny_bert, tmp_path):
 def test_cli_user_errors_are_one_line(tiny_bert, tmp_path, overrides, culprit):
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_bert)))
-    args = [sys.executable, "-m", "testbed.cli", "run", str(config), "--out", str(tmp_path / "out"), "--quiet"]
+    args = ["run", str(config), "--out", str(tmp_path / "out"), "--quiet"]
     for o in overrides:
         args += ["--set", o]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = cli(args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("testbed: error:")]
     assert len(errors) == 1 and culprit in errors[0], proc.stderr
@@ -83,9 +92,9 @@ def test_cli_user_errors_are_one_line(tiny_bert, tmp_path, overrides, culprit):
 
 def test_missing_label_column_on_real_csv(ag_news, tiny_bert, tmp_path):
     cfg = tiny_config(tiny_bert, **{"data.source": "files", "data.train_file": str(ag_news / "train.csv"),
-                                    "data.test_file": str(ag_news / "test.csv"), "data.label_column": "topic"})
+                                    "data.test_file": str(ag_news / "test.csv"), "data.label_column": "topic",
+                                    "data.text_columns": ["title", "description"]})
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(config), "--quiet"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = cli(["run", str(config), "--quiet"], cwd=tmp_path)
     assert proc.returncode == 2 and "data.label_column: column 'topic'" in proc.stderr
