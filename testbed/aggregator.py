@@ -58,20 +58,25 @@ class Aggregator:
     def round(self, r: int) -> dict:
         start = time.perf_counter()
         state, strategy = self.strategy.state, self.strategy
-        plans = strategy.plan(r, list(self.exp.devices))
+        plans = strategy.plan(r, self.transport.available(list(self.exp.devices)))
         jobs = {d: Job(p, state.downlink(p, self.exp.info.num_layers), state.head) for d, p in plans.items()}
+        sent = time.perf_counter()
         result = self.transport.run_round(r, jobs)
+        train_wall = time.perf_counter() - sent
         updates = [result.updates[d] for d in plans if d in result.updates]
         if updates:
             strategy.aggregate(r, updates)
         state.round = r + 1
         self.failures += [dataclasses.asdict(f) for f in result.failures]
+        evaluated = time.perf_counter()
         metrics = self.evaluate(r)
+        eval_wall = time.perf_counter() - evaluated
         strategy.observe(r, {u.device: u.report for u in updates}, metrics)
         per_device = [self.device_record(plans[u.device], u) for u in updates]
         self.clock_s += self.round_clock(per_device, time.perf_counter() - start)
         self.wall_s += time.perf_counter() - start
         row = {"round": r, "clock": self.cfg.clock, "clock_s": self.clock_s, "wall_s": self.wall_s,
+               "train_wall_s": train_wall, "eval_wall_s": eval_wall,
                "accuracy": metrics.get("accuracy"), "test_loss": metrics.get("loss"),
                "loss": sum(u.loss * u.samples for u in updates) / max(sum(u.samples for u in updates), 1),
                "bytes_up": sum(u.report.bytes_up for u in updates),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,16 +32,27 @@ def parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or final table")
+    run.add_argument("--launcher", choices=("inprocess", "mpi"), default="inprocess",
+                     help="inprocess (default): every device in this process; mpi: mpirun with N agent ranks")
+    run.add_argument("--agents", type=int, default=0, metavar="N",
+                     help="agent ranks for --launcher mpi (default: one per device)")
     run.set_defaults(func=cmd_run)
     return p
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.run import run_inprocess
-
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"testbed: run directory {out}", file=sys.stderr)
+    if args.launcher == "mpi":
+        from launch.mpirun import mpirun_command
+
+        agents = args.agents or sum(d.count for d in cfg.devices.values())
+        cmd = mpirun_command(args.config, args.set, out, agents)
+        print("testbed: " + " ".join(cmd), file=sys.stderr)
+        return subprocess.run(cmd).returncode
+    from testbed.run import run_inprocess
+
     run_inprocess(cfg, out, args.quiet)
     return 0
 

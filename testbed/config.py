@@ -88,6 +88,22 @@ class DeviceSpec:
 
 
 @dataclass
+class WireConfig:
+    dtype: str = _opt("float32", choices=("float32", "float16", "bfloat16"),
+                      doc="floating-point type LoRA tensors travel in")
+
+
+@dataclass
+class DistConfig:
+    backend: str = _opt("gloo", choices=("gloo", "nccl"))
+    deadline_s: float = _opt(600.0, gt=0, doc="a device that has not answered by then is left out of the round")
+    ifname: str = _opt("", doc="network interface for torch.distributed (sets GLOO_SOCKET_IFNAME)")
+    master_addr: str = _opt("", doc="rendezvous address of rank 0; default: its address on ifname, or loopback")
+    master_port: int = _opt(0, lo=0, hi=65535, doc="0 = a free port chosen by rank 0")
+    threads: int = _opt(1, lo=0, doc="torch threads per rank (ranks usually share cores)")
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = _opt(0)
     rounds: int = _opt(5, lo=1)
@@ -99,6 +115,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     devices: dict[str, DeviceSpec] = field(default_factory=lambda: {"reference": DeviceSpec(count=4)})
     train: TrainConfig = field(default_factory=TrainConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:

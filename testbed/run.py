@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from agents.agent import Agent
 from testbed.aggregator import Aggregator
 from testbed.config import ExperimentConfig
@@ -13,4 +15,4 @@ from testbed.transport import InProcess
 def run_inprocess(cfg: ExperimentConfig, out: Path, quiet: bool = False) -> dict:
     exp = setup(cfg)
     agents = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d]) for d in exp.devices}
-    return Aggregator(exp, InProcess(agents), out, quiet).run()
+    return Aggregator(exp, InProcess(agents, getattr(torch, cfg.wire.dtype)), out, quiet).run()

@@ -1,15 +1,21 @@
 """Transports move Plans down and Updates up.  The aggregator loop is the same for all.
 
 `InProcess` runs every agent in this process, one after another: the embedded
-default.  It still counts the bytes a real transport would send.
+default.  Its messages still go through the Wire (packed, digested, unpacked), so byte
+counts and half-precision transfer are exactly those of a real transport.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import secrets
+
+import torch
+
 from agents.agent import Agent
 from testbed.plan import HeadState, LoraState, Plan, Update
+from testbed.wire import pack, plan_message, read_plan, read_update, unpack, update_message
 
 
 @dataclass
@@ -34,26 +40,32 @@ class RoundResult:
 
 
 class Transport(Protocol):
+    def available(self, devices: list[str]) -> list[str]:
+        """The devices that can still take part."""
+
     def run_round(self, round: int, jobs: dict[str, Job]) -> RoundResult: ...
 
     def close(self) -> None: ...
 
 
-def tensor_bytes(lora: LoraState, head: HeadState) -> int:
-    return (sum(t.numel() * t.element_size() for ts in lora.values() for t in ts.values())
-            + sum(t.numel() * t.element_size() for t in head.values()))
-
-
 class InProcess:
-    def __init__(self, agents: dict[str, Agent]):
+    def __init__(self, agents: dict[str, Agent], wire_dtype: torch.dtype = torch.float32):
         self.agents = agents
+        self.dtype = wire_dtype
+        self.key = secrets.token_bytes(32)
+
+    def available(self, devices: list[str]) -> list[str]:
+        return list(devices)
 
     def run_round(self, round: int, jobs: dict[str, Job]) -> RoundResult:
         result = RoundResult()
         for device, job in jobs.items():
-            update = self.agents[device].run(round, job.plan, job.lora, job.head)
-            update.report.bytes_down = tensor_bytes(job.lora, job.head)
-            update.report.bytes_up = tensor_bytes(update.lora, update.head)
+            down = pack(plan_message(round, device, round, job.plan, job.lora, job.head), self.key, self.dtype)
+            plan, lora, head = read_plan(unpack(down, self.key))
+            up = pack(update_message(self.agents[device].run(round, plan, lora, head), round), self.key, self.dtype)
+            update = read_update(unpack(up, self.key))
+            update.report.bytes_down = len(down) + 8  # + the length prefix a stream transport adds
+            update.report.bytes_up = len(up) + 8
             result.updates[device] = update
         return result
 

@@ -1,0 +1,132 @@
+"""Entry point for a distributed run: rank 0 aggregates, ranks 1..N are agents.
+
+    mpirun --enable-recovery -np N+1 .venv/bin/python -m launch.mpi CONFIG [--set K=V]... [--out DIR]
+
+Ranks come from Open MPI (OMPI_COMM_WORLD_*), MPICH/PMI (PMI_*) or torchrun (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT).  Under MPI, rank 0 picks a free port and shares
+it, with the run's secret, through mpi4py; torch.distributed (gloo) then carries every
+message.  `--enable-recovery` keeps mpirun from tearing the job down when one agent
+dies, so the aggregator can finish the run without it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from testbed.config import ExperimentConfig, load_config
+from testbed.errors import TestbedError
+
+
+def world() -> tuple[int, int, str]:
+    """(rank, size, launcher) from whichever launcher started us."""
+    for rank_var, size_var, launcher in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "mpi"),
+                                         ("PMI_RANK", "PMI_SIZE", "mpi"),
+                                         ("RANK", "WORLD_SIZE", "torchrun")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var]), launcher
+    raise TestbedError("launch.mpi: no rank in the environment; start it with mpirun, mpiexec or torchrun")
+
+
+def interface_address(ifname: str) -> str:
+    import psutil
+
+    for addr in psutil.net_if_addrs().get(ifname, []):
+        if addr.family == socket.AF_INET:
+            return addr.address
+    raise TestbedError(f"dist.ifname: interface {ifname!r} has no IPv4 address on {socket.gethostname()}")
+
+
+def free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def rendezvous(cfg: ExperimentConfig, rank: int, size: int, launcher: str) -> bytes:
+    """Join the process group; return the run's message key."""
+    if cfg.dist.ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = cfg.dist.ifname
+    timeout = timedelta(seconds=max(60.0, cfg.dist.deadline_s))
+    if launcher == "torchrun":
+        dist.init_process_group(cfg.dist.backend, rank=rank, world_size=size, timeout=timeout)
+        return read_secret()
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    info = None
+    if rank == 0:
+        addr = cfg.dist.master_addr or (interface_address(cfg.dist.ifname) if cfg.dist.ifname else "127.0.0.1")
+        info = (addr, cfg.dist.master_port or free_port(addr), read_secret(default=secrets.token_bytes(32)))
+    addr, port, key = comm.bcast(info, root=0)
+    dist.init_process_group(cfg.dist.backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size,
+                            timeout=timeout)
+    return key
+
+
+def read_secret(default: bytes | None = None) -> bytes:
+    """The run's secret comes from a file (never argv or the environment's value itself)."""
+    path = os.environ.get("TESTBED_SECRET_FILE")
+    if path:
+        try:
+            return Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise TestbedError(f"TESTBED_SECRET_FILE: cannot read {path}: {exc.strerror}") from None
+    if default is None:
+        raise TestbedError("TESTBED_SECRET_FILE: set it to a file holding the run's secret (every rank reads it)")
+    return default
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.mpi", description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", help="run directory on rank 0 (default: runs/<config name>-<time>)")
+    args = ap.parse_args(argv)
+    try:
+        rank, size, launcher = world()
+        logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+        cfg = load_config(args.config, args.set)
+        if cfg.dist.threads:
+            cfg.model.threads = cfg.dist.threads
+        key = rendezvous(cfg, rank, size, launcher)
+        if rank == 0:
+            run_aggregator(cfg, size - 1, key, args)
+        else:
+            from agents.worker import serve
+
+            serve(cfg, rank, size - 1, key)
+    except TestbedError as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argparse.Namespace) -> None:
+    from testbed.aggregator import Aggregator
+    from testbed.dist import DistTransport
+    from testbed.experiment import setup
+
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp = setup(cfg)
+    transport = DistTransport(list(exp.devices), agents, key, getattr(torch, cfg.wire.dtype), cfg.dist.deadline_s)
+    try:
+        Aggregator(exp, transport, out).run()
+    finally:
+        transport.close()
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip MPI/gloo teardown, which can hang on a peer that died

@@ -1,0 +1,127 @@
+"""The `dist` transport: Wire messages between rank 0 (aggregator) and agent ranks over
+torch.distributed point-to-point (gloo on CPU).
+
+A message is a length prefix (one int64) then its bytes.  Rank 0 serves each agent rank
+from its own thread (send a plan, wait for the update, next device), so a slow or dead
+agent never blocks the others: a killed peer surfaces at once as a closed connection, a
+hung one at the round's deadline.  Either way its devices are left out of that round and
+of later ones (a rank's message stream cannot be resynchronised once a reply is lost).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from testbed.errors import TestbedError
+from testbed.plan import Update
+from testbed.transport import Failure, Job, RoundResult
+from testbed.wire import Message, WireError, pack, plan_message, read_update, unpack
+
+log = logging.getLogger("testbed.dist")
+MAX_MESSAGE = 1 << 31  # bytes; anything longer is refused before allocating it
+
+
+def send_bytes(buf: bytearray, dst: int) -> int:
+    dist.send(torch.tensor([len(buf)], dtype=torch.int64), dst)
+    dist.send(torch.frombuffer(buf, dtype=torch.uint8), dst)
+    return len(buf) + 8
+
+
+def recv_bytes(src: int) -> memoryview:
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src)
+    size = int(n.item())
+    if not 0 < size <= MAX_MESSAGE:
+        raise WireError(f"length prefix {size} from rank {src} is out of range")
+    buf = torch.empty(size, dtype=torch.uint8)
+    dist.recv(buf, src)
+    return memoryview(buf.numpy()).cast("B")
+
+
+def hosts(devices: list[str], agents: int) -> dict[str, int]:
+    """Which agent rank serves which device: round-robin in config order."""
+    if agents < 1:
+        raise TestbedError("dist: at least one agent rank is needed (mpirun -np 2 or more)")
+    return {d: 1 + i % agents for i, d in enumerate(devices)}
+
+
+class DistTransport:
+    def __init__(self, devices: list[str], agents: int, key: bytes, wire_dtype: torch.dtype, deadline_s: float):
+        self.rank_of = hosts(devices, agents)
+        self.key = key
+        self.dtype = wire_dtype
+        self.deadline_s = deadline_s
+        self.lost: dict[int, str] = {}  # rank -> why it is no longer used
+        self.seq = dict.fromkeys(self.rank_of.values(), 0)  # per rank: only its own thread touches it
+
+    def available(self, devices: list[str]) -> list[str]:
+        return [d for d in devices if self.rank_of[d] not in self.lost]
+
+    def run_round(self, round: int, jobs: dict[str, Job]) -> RoundResult:
+        result = RoundResult()
+        by_rank: dict[int, list[str]] = {}
+        for device in jobs:
+            if self.rank_of[device] in self.lost:
+                result.failures.append(Failure(round, device, "lost", self.lost[self.rank_of[device]]))
+            else:
+                by_rank.setdefault(self.rank_of[device], []).append(device)
+        done: dict[str, Update] = {}
+        errors: dict[int, tuple[str, str, str]] = {}  # rank -> (device, kind, detail)
+        threads = [threading.Thread(target=self._serve, args=(round, rank, devs, jobs, done, errors), daemon=True)
+                   for rank, devs in by_rank.items()]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + self.deadline_s
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        for rank, devs in by_rank.items():
+            for device in devs:
+                if device in done:
+                    result.updates[device] = done[device]
+                    continue
+                kind, detail = "timeout", f"no update within the {self.deadline_s:g} s deadline"
+                if rank in errors:
+                    _, kind, detail = errors[rank]
+                self.lost.setdefault(rank, f"rank {rank}: {kind}: {detail}")
+                log.warning("round %d: device %s (rank %d) failed: %s: %s", round, device, rank, kind, detail)
+                result.failures.append(Failure(round, device, kind, detail))
+        return result
+
+    def _serve(self, round: int, rank: int, devices: list[str], jobs: dict[str, Job],
+               done: dict[str, Update], errors: dict) -> None:
+        for device in devices:
+            job = jobs[device]
+            self.seq[rank] += 1
+            try:
+                sent = send_bytes(pack(plan_message(round, device, self.seq[rank], job.plan, job.lora, job.head),
+                                       self.key, self.dtype), rank)
+                buf = recv_bytes(rank)
+                update = read_update(self._check(unpack(buf, self.key), round, device))
+            except WireError as exc:
+                log.warning("round %d: rejected the reply of %s (rank %d): %s", round, device, rank, exc)
+                errors[rank] = (device, "rejected", str(exc))
+                return
+            except RuntimeError as exc:  # gloo: connection closed by a dead peer
+                errors[rank] = (device, "crash", str(exc).splitlines()[0][-200:])
+                return
+            update.report.bytes_down = sent
+            update.report.bytes_up = len(buf) + 8
+            done[device] = update
+
+    @staticmethod
+    def _check(msg: Message, round: int, device: str) -> Message:
+        if msg.kind != "update" or msg.round != round or msg.device != device:
+            raise WireError(f"expected the update of {device} for round {round}, "
+                            f"got {msg.kind} of {msg.device} for round {msg.round}")
+        return msg
+
+    def close(self) -> None:
+        for rank in sorted(set(self.rank_of.values()) - set(self.lost)):
+            try:
+                send_bytes(pack(Message("bye", -1, "", 0, {}, {}), self.key), rank)
+            except RuntimeError:
+                pass  # already gone; nothing left to tell it

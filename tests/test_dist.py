@@ -1,0 +1,217 @@
+"""The dist transport with real processes: mpirun, torch.distributed (gloo), SIGKILL, namespaces."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launch.mpirun import mpirun_command
+from testbed.config import from_dict
+from testbed.run import run_inprocess
+from tests.conftest import ROOT, tiny_config
+
+pytestmark = pytest.mark.dist
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+       "OMP_NUM_THREADS": "1"}
+
+
+def write_config(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def mpirun(config: Path, out: Path, agents: int, sets=(), timeout=300) -> subprocess.CompletedProcess:
+    cmd = mpirun_command(str(config), list(sets), out, agents)
+    return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mpirun_three_ranks_two_rounds(tiny_bert, tmp_path):
+    config = write_config(tmp_path, tiny_config(tiny_bert, devices={"laptop": 2}))
+    proc = mpirun(config, tmp_path / "out", agents=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["failures"] == [] and summary["final_accuracy"] is not None
+    for r in rows(tmp_path / "out"):
+        assert len(r["devices"]) == 2 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+def test_inprocess_and_mpirun_agree_bitwise(tiny_bert, tmp_path, wire_dtype):
+    raw = tiny_config(tiny_bert, rounds=2, devices={"laptop": 2, "jetson-tx2": 1}, **{"wire.dtype": wire_dtype})
+    config = write_config(tmp_path, raw)
+    proc = mpirun(config, tmp_path / "mpi", agents=2)  # 3 devices on 2 agent ranks
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.set_num_threads(1)
+    run_inprocess(from_dict(raw), tmp_path / "local", quiet=True)
+    a = torch.load(tmp_path / "mpi" / "checkpoint.pt")
+    b = torch.load(tmp_path / "local" / "checkpoint.pt")
+    for layer in b["lora"]:
+        for name in b["lora"][layer]:
+            assert torch.equal(a["lora"][layer][name], b["lora"][layer][name]), (layer, name)
+    for name in b["head"]:
+        assert torch.equal(a["head"][name], b["head"][name])
+    assert [r["accuracy"] for r in rows(tmp_path / "mpi")] == [r["accuracy"] for r in rows(tmp_path / "local")]
+    assert [r["bytes_up"] for r in rows(tmp_path / "mpi")] == [r["bytes_up"] for r in rows(tmp_path / "local")]
+
+
+def agent_pids(rank: int) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"launch.mpi" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+            found.append(int(pid))
+    return found
+
+
+def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
+    raw = tiny_config(tiny_bert, rounds=4, devices={"laptop": 3}, **{"train.local_steps": 30, "dist.deadline_s": 120})
+    config = write_config(tmp_path, raw)
+    out = tmp_path / "out"
+    cmd = mpirun_command(str(config), [], out, 3)
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "round 0 never finished"
+            time.sleep(0.2)
+        time.sleep(0.5)  # now inside round 1
+        victims = agent_pids(2)
+        assert victims, "agent rank 2 not found"
+        killed_at = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 4
+    crash = [f for f in summary["failures"] if f["kind"] == "crash"]
+    assert crash and crash[0]["device"] == "laptop-1", summary["failures"]
+    r = rows(out)
+    assert {d["device"] for d in r[-1]["devices"]} == {"laptop-0", "laptop-2"}
+    # detected well before the 120 s deadline: the whole rest of the run took less
+    assert time.monotonic() - killed_at < 100
+
+
+def test_malformed_reply_is_rejected_and_logged(tiny_bert, tmp_path):
+    """Rank 1 answers a plan with a truncated, then a tampered message; rank 0 must refuse both."""
+    script = tmp_path / "rogue.py"
+    script.write_text(ROGUE.format(root=str(ROOT), model=tiny_bert))
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert procs[0].returncode == 0, outs
+    assert "truncated" in outs[0] and "digest" in outs[0], outs[0]
+    assert "RESULT rejected rejected" in outs[0], outs[0]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ROGUE = '''
+import logging, os, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from testbed.dist import DistTransport, recv_bytes, send_bytes
+from testbed.plan import Plan, Update
+from testbed.transport import Job
+from testbed.wire import pack, update_message
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+key = b"k" * 32
+update = Update("d0", 0, {{}}, {{"w": torch.ones(2)}}, 1, {{}}, 1, 0.5)
+if dist.get_rank() == 1:
+    recv_bytes(0)
+    good = pack(update_message(update, 1), key)
+    send_bytes(good[: len(good) // 2], 0)       # truncated
+    recv_bytes(0)
+    bad = bytearray(pack(update_message(update, 2), key))
+    bad[-1] ^= 0xFF                              # tampered payload
+    send_bytes(bad, 0)
+else:
+    kinds = []
+    for r in range(2):
+        t = DistTransport(["d0"], 1, key, torch.float32, 30)
+        res = t.run_round(0, {{"d0": Job(Plan(ranks={{}}), {{}}, {{"w": torch.zeros(2)}})}})
+        kinds.append(res.failures[0].kind if res.failures else "accepted")
+    print("RESULT", *kinds, flush=True)
+os._exit(0)
+'''
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def two_namespaces():
+    """Two network namespaces joined by a veth pair made inside them (nothing on the host's interfaces)."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    names = ("tbtest-a", "tbtest-b")
+    for ns in names:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    try:
+        for ns in names:
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", names[0], "link", "add", "tbva", "type", "veth", "peer", "name", "tbvb", "netns", names[1])
+        for ns, dev, addr in ((names[0], "tbva", "10.78.0.1/24"), (names[1], "tbvb", "10.78.0.2/24")):
+            _ip("-n", ns, "addr", "add", addr, "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+    except subprocess.CalledProcessError as exc:
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
+    yield names
+    for ns in names:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_ranks_in_two_network_namespaces(tiny_bert, tmp_path, two_namespaces):
+    ns_a, ns_b = two_namespaces
+    config = write_config(tmp_path, tiny_config(tiny_bert, devices={"laptop": 2}))
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    secret.chmod(0o600)
+    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "10.78.0.1", "MASTER_PORT": "29561",
+           "TESTBED_SECRET_FILE": str(secret)}
+    out = tmp_path / "out"
+    procs = []
+    for rank, ns, ifname in ((0, ns_a, "tbva"), (1, ns_b, "tbvb"), (2, ns_b, "tbvb")):
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "launch.mpi", str(config), "--out", str(out),
+               "--set", f"dist.ifname={ifname}"]
+        procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank)}, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["failures"] == []
