@@ -43,7 +43,8 @@ class Aggregator:
         self.failures: list[dict] = []
 
     def run(self) -> dict:
-        bar = tqdm(range(self.cfg.rounds), desc=self.cfg.strategy.name, unit="round",
+        desc = f"{self.cfg.strategy.name}" + (" [synthetic data]" if self.exp.data.synthetic else "")
+        bar = tqdm(range(self.cfg.rounds), desc=desc, unit="round",
                    disable=self.quiet, file=sys.stderr, dynamic_ncols=True)
         for r in bar:
             row = self.round(r)

@@ -44,6 +44,7 @@ def summarise(rows: list[dict], method: str, cfg: ExperimentConfig, devices: dic
     hit = next((r for r in evaluated if r["accuracy"] >= cfg.target_accuracy), None)
     return {
         "method": method,
+        "data": data_label(cfg),
         "rounds": len(rows),
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
         "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
@@ -62,11 +63,19 @@ def summarise(rows: list[dict], method: str, cfg: ExperimentConfig, devices: dic
     }
 
 
+def data_label(cfg: ExperimentConfig) -> str:
+    d = cfg.data
+    if d.source == "synthetic":
+        return f"synthetic topics ({d.synthetic_classes} classes, generated)"
+    name = d.hub_name if d.source == "hub" else Path(d.train_file).name
+    return f"{name} ({d.partition}{f', alpha={d.alpha:g}' if d.partition == 'dirichlet' else ''})"
+
+
 def table(summary: dict) -> str:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    keys = ["method", "rounds", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
+    keys = ["method", "data", "rounds", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
             "clock", "clock_s", "wall_s", "bytes_up", "bytes_down", "peak_train_mem_mb", "peak_rss_mb"]
     width = max(map(len, keys))
     lines = [f"{k:<{width}}  {fmt(summary[k])}" for k in keys]
