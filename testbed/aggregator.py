@@ -26,7 +26,8 @@ def initial_state(exp: Experiment, max_rank: int) -> GlobalState:
 def make_strategy(exp: Experiment) -> Strategy:
     samples = {d: len(s.train) for d, s in exp.data.shards.items()}
     ctx = Context(exp.cfg, exp.info, exp.devices, samples, exp.cost)
-    return STRATEGIES[exp.cfg.strategy.name](ctx, initial_state(exp, exp.cfg.model.lora.rank))
+    cls = STRATEGIES[exp.cfg.strategy.name]
+    return cls(ctx, initial_state(exp, cls.max_rank(exp.cfg)))
 
 
 class Aggregator:

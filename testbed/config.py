@@ -19,7 +19,7 @@ import yaml
 from testbed.errors import TestbedError
 
 
-def _opt(default: Any, *, lo: float | None = None, hi: float | None = None, gt: float | None = None,
+def option(default: Any, *, lo: float | None = None, hi: float | None = None, gt: float | None = None,
          choices: tuple | None = None, doc: str = "") -> Any:
     meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "doc": doc}
     if isinstance(default, (list, dict)):
@@ -29,87 +29,87 @@ def _opt(default: Any, *, lo: float | None = None, hi: float | None = None, gt: 
 
 @dataclass
 class LoraConfig:
-    rank: int = _opt(8, lo=1, doc="LoRA rank where a plan does not say otherwise")
-    alpha: float = _opt(16.0, lo=0, doc="scaling numerator; alpha/rank is kept constant across ranks")
-    dropout: float = _opt(0.0, lo=0, hi=1)
-    targets: list[str] = _opt(["auto"], doc="module names inside a layer; 'auto' picks per model family")
+    rank: int = option(8, lo=1, doc="LoRA rank where a plan does not say otherwise")
+    alpha: float = option(16.0, lo=0, doc="scaling numerator; alpha/rank is kept constant across ranks")
+    dropout: float = option(0.0, lo=0, hi=1)
+    targets: list[str] = option(["auto"], doc="module names inside a layer; 'auto' picks per model family")
 
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
-    max_length: int = _opt(64, lo=4, hi=8192)
-    threads: int = _opt(2, lo=0, doc="torch threads per process; 0 leaves torch's default")
+    name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
+    max_length: int = option(64, lo=4, hi=8192)
+    threads: int = option(2, lo=0, doc="torch threads per process; 0 leaves torch's default")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class DataConfig:
-    source: str = _opt("synthetic", choices=("synthetic", "files", "hub"))
-    hub_name: str = _opt("", doc="dataset name on the hub (source: hub)")
-    train_file: str = _opt("", doc="CSV/JSON/Parquet file (source: files)")
-    test_file: str = _opt("", doc="CSV/JSON/Parquet file (source: files)")
-    text_columns: list[str] = _opt(["text"])
-    label_column: str = _opt("label")
-    label_offset: int = _opt(0, doc="subtracted from every label (1 for 1-based labels)")
-    max_train: int = _opt(0, lo=0, doc="0 = all rows")
-    max_test: int = _opt(0, lo=0, doc="0 = all rows")
-    partition: str = _opt("iid", choices=("iid", "dirichlet"))
-    alpha: float = _opt(0.5, gt=0, doc="Dirichlet concentration (partition: dirichlet)")
-    min_per_client: int = _opt(8, lo=1)
-    val_fraction: float = _opt(0.1, lo=0, hi=0.9)
-    synthetic_train: int = _opt(2000, lo=10)
-    synthetic_test: int = _opt(400, lo=10)
-    synthetic_classes: int = _opt(4, lo=2, hi=8)
+    source: str = option("synthetic", choices=("synthetic", "files", "hub"))
+    hub_name: str = option("", doc="dataset name on the hub (source: hub)")
+    train_file: str = option("", doc="CSV/JSON/Parquet file (source: files)")
+    test_file: str = option("", doc="CSV/JSON/Parquet file (source: files)")
+    text_columns: list[str] = option(["text"])
+    label_column: str = option("label")
+    label_offset: int = option(0, doc="subtracted from every label (1 for 1-based labels)")
+    max_train: int = option(0, lo=0, doc="0 = all rows")
+    max_test: int = option(0, lo=0, doc="0 = all rows")
+    partition: str = option("iid", choices=("iid", "dirichlet"))
+    alpha: float = option(0.5, gt=0, doc="Dirichlet concentration (partition: dirichlet)")
+    min_per_client: int = option(8, lo=1)
+    val_fraction: float = option(0.1, lo=0, hi=0.9)
+    synthetic_train: int = option(2000, lo=10)
+    synthetic_test: int = option(400, lo=10)
+    synthetic_classes: int = option(4, lo=2, hi=8)
 
 
 @dataclass
 class TrainConfig:
-    local_steps: int = _opt(10, lo=1)
-    batch_size: int = _opt(16, lo=1)
-    lr: float = _opt(5e-4, lo=0)
-    weight_decay: float = _opt(0.0, lo=0)
-    eval_batch_size: int = _opt(64, lo=1)
+    local_steps: int = option(10, lo=1)
+    batch_size: int = option(16, lo=1)
+    lr: float = option(5e-4, lo=0)
+    weight_decay: float = option(0.0, lo=0)
+    eval_batch_size: int = option(64, lo=1)
 
 
 @dataclass
 class StrategyConfig:
     """Options every strategy has; a strategy subclasses this with its own."""
 
-    name: str = _opt("fedlora")
-    clients_per_round: int = _opt(0, lo=0, doc="devices sampled per round; 0 = all")
+    name: str = option("fedlora")
+    clients_per_round: int = option(0, lo=0, doc="devices sampled per round; 0 = all")
 
 
 @dataclass
 class DeviceSpec:
-    count: int = _opt(1, lo=1)
-    memory_mb: float = _opt(0.0, lo=0, doc="training memory budget; 0 = the class default")
-    speed: float = _opt(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
+    count: int = option(1, lo=1)
+    memory_mb: float = option(0.0, lo=0, doc="training memory budget; 0 = the class default")
+    speed: float = option(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
 
 
 @dataclass
 class WireConfig:
-    dtype: str = _opt("float32", choices=("float32", "float16", "bfloat16"),
+    dtype: str = option("float32", choices=("float32", "float16", "bfloat16"),
                       doc="floating-point type LoRA tensors travel in")
 
 
 @dataclass
 class DistConfig:
-    backend: str = _opt("gloo", choices=("gloo", "nccl"))
-    deadline_s: float = _opt(600.0, gt=0, doc="a device that has not answered by then is left out of the round")
-    ifname: str = _opt("", doc="network interface for torch.distributed (sets GLOO_SOCKET_IFNAME)")
-    master_addr: str = _opt("", doc="rendezvous address of rank 0; default: its address on ifname, or loopback")
-    master_port: int = _opt(0, lo=0, hi=65535, doc="0 = a free port chosen by rank 0")
-    threads: int = _opt(1, lo=0, doc="torch threads per rank (ranks usually share cores)")
+    backend: str = option("gloo", choices=("gloo", "nccl"))
+    deadline_s: float = option(600.0, gt=0, doc="a device that has not answered by then is left out of the round")
+    ifname: str = option("", doc="network interface for torch.distributed (sets GLOO_SOCKET_IFNAME)")
+    master_addr: str = option("", doc="rendezvous address of rank 0; default: its address on ifname, or loopback")
+    master_port: int = option(0, lo=0, hi=65535, doc="0 = a free port chosen by rank 0")
+    threads: int = option(1, lo=0, doc="torch threads per rank (ranks usually share cores)")
 
 
 @dataclass
 class ExperimentConfig:
-    seed: int = _opt(0)
-    rounds: int = _opt(5, lo=1)
-    eval_every: int = _opt(1, lo=1)
-    target_accuracy: float = _opt(0.8, lo=0, hi=1)
-    clock: str = _opt("modelled", choices=("modelled", "wall"))
+    seed: int = option(0)
+    rounds: int = option(5, lo=1)
+    eval_every: int = option(1, lo=1)
+    target_accuracy: float = option(0.8, lo=0, hi=1)
+    clock: str = option("modelled", choices=("modelled", "wall"))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

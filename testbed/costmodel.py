@@ -43,6 +43,17 @@ class CostModel:
     def transfer_seconds(self, device: Device, nbytes: int) -> float:
         return device.latency_ms / 1000 + nbytes * 8 / (device.bandwidth_mbit * 1e6)
 
+    def peak_memory_bytes(self, device: Device, plan: Plan) -> int:
+        """Resident weights, LoRA with gradients and Adam state, and a coarse activation estimate."""
+        resident = len(plan.resident(self.info.num_layers)) * self.info.layer_params + self.info.other_params
+        lora = self.lora_bytes(plan.ranks, plan.trained(self.info.num_layers))
+        hidden = max(o for o, _ in self.info.shapes.values())
+        activations = plan.batch_size * self.seq_len * hidden * 16 * FLOAT_BYTES * len(plan.trained(self.info.num_layers))
+        return resident * FLOAT_BYTES + 4 * lora + activations
+
+    def fits(self, device: Device, plan: Plan) -> bool:
+        return self.peak_memory_bytes(device, plan) <= device.memory_mb * 1024 * 1024
+
     def round_seconds(self, device: Device, plan: Plan) -> float:
         return (plan.local_steps * self.step_seconds(device, plan)
                 + self.transfer_seconds(device, self.bytes_down(plan))

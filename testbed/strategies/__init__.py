@@ -1,7 +1,9 @@
 """Strategies by name, as configs refer to them."""
 from testbed.strategies.base import Context, Strategy
 from testbed.strategies.fedlora import FedLoRA
+from testbed.strategies.hetlora import FlexLoRA, HetLoRA
+from testbed.strategies.legend import Legend
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA]}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA, HetLoRA, FlexLoRA, Legend]}
 
 __all__ = ["STRATEGIES", "Context", "Strategy"]

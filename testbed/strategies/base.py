@@ -34,6 +34,11 @@ class Strategy:
         self.opts = ctx.cfg.strategy
         self.state = state
 
+    @classmethod
+    def max_rank(cls, cfg: ExperimentConfig) -> int:
+        """The rank the global state is kept at (the largest any device may train)."""
+        return cfg.model.lora.rank
+
     def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
         raise NotImplementedError
 

@@ -1,0 +1,93 @@
+"""LEGEND: per-device LoRA depth and rank distribution (reconstructed from arXiv 2412.20004).
+
+A device trains LoRA only on its top `d` layers (backpropagation stops at the lowest of
+them), with ranks that do not decrease toward the output.  Each round the configurator
+sets a common deadline, the predicted round time of a reference device running the
+baseline plan, and gives every device the deepest configuration, then the largest ranks,
+that the cost model says meets the deadline and fits its memory.  Layers are aggregated
+over the devices that hold LoRA there (`pad` by default: rank rows over their owners).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from testbed.aggregate import aggregate, average_head
+from testbed.config import StrategyConfig, option
+from testbed.plan import Plan, Update
+from testbed.strategies.base import Strategy
+from testbed.strategies.fedlora import contributions
+
+
+@dataclass
+class LegendOptions(StrategyConfig):
+    max_rank: int = option(0, lo=0, doc="rank of the top layer; 0 = model.lora.rank")
+    min_rank: int = option(2, lo=1, doc="rank of the lowest LoRA layer at full ramp")
+    min_depth: int = option(1, lo=1)
+    rank_profile: str = option("ramp", choices=("ramp", "uniform"))
+    deadline_device: str = option("median", doc="median, fastest, slowest, or a device class name")
+    deadline_factor: float = option(1.0, gt=0, doc="scales the reference device's predicted round time")
+    aggregation: str = option("pad", choices=("pad", "hetlora", "flexlora"))
+
+
+def rank_distribution(depth: int, num_layers: int, low: int, high: int, profile: str) -> dict[int, int]:
+    """Ranks for the top `depth` layers, non-decreasing toward the output (powers of two)."""
+    ranks = dict.fromkeys(range(num_layers), 0)
+    for k, layer in enumerate(range(num_layers - depth, num_layers)):
+        if profile == "uniform" or low >= high:
+            ranks[layer] = high
+        else:
+            target = low + (high - low) * (k + 1) / depth
+            ranks[layer] = min(high, 2 ** round(math.log2(target)))
+    return ranks
+
+
+class Legend(Strategy):
+    name = "legend"
+    Options = LegendOptions
+
+    @classmethod
+    def max_rank(cls, cfg) -> int:
+        return cfg.strategy.max_rank or cfg.model.lora.rank
+
+    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+        chosen = self.sample(round, available)
+        deadline = self.deadline(available)
+        return {d: self.configure(d, deadline) for d in chosen}
+
+    def deadline(self, available: list[str]) -> float:
+        """Predicted round time of the reference device running the baseline (all layers, one rank)."""
+        cost, devices = self.ctx.cost, self.ctx.devices
+        rank = self.ctx.cfg.model.lora.rank
+        baseline = self.base_plan(dict.fromkeys(range(self.ctx.model.num_layers), rank))
+        times = {d: cost.round_seconds(devices[d], baseline) for d in available}
+        ref = self.opts.deadline_device
+        if ref == "median":
+            value = statistics.median_low(sorted(times.values()))
+        elif ref in ("fastest", "slowest"):
+            value = (min if ref == "fastest" else max)(times.values())
+        else:
+            of_class = [t for d, t in times.items() if devices[d].device_class == ref]
+            value = min(of_class) if of_class else statistics.median_low(sorted(times.values()))
+        return value * self.opts.deadline_factor
+
+    def configure(self, device: str, deadline: float) -> Plan:
+        """Deepest, then highest-rank, plan that meets the deadline and fits; else the lightest."""
+        dev, cost, n = self.ctx.devices[device], self.ctx.cost, self.ctx.model.num_layers
+        top = self.max_rank(self.ctx.cfg)
+        lightest = None
+        for depth in range(n, self.opts.min_depth - 1, -1):
+            high = top
+            while high >= 1:
+                plan = self.base_plan(rank_distribution(depth, n, min(self.opts.min_rank, high), high,
+                                                        self.opts.rank_profile))
+                if cost.fits(dev, plan) and cost.round_seconds(dev, plan) <= deadline:
+                    return plan
+                lightest = plan
+                high //= 2
+        return lightest
+
+    def aggregate(self, round: int, updates: list[Update]) -> None:
+        self.state.lora = aggregate(self.state.lora, contributions(updates), self.opts.aggregation)
+        self.state.head = average_head([(u.samples, u.head) for u in updates])

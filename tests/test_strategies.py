@@ -1,0 +1,38 @@
+"""Strategies' plans and their runs on a tiny model."""
+import json
+
+import pytest
+import torch
+
+from testbed.config import from_dict
+from testbed.run import run_inprocess
+from testbed.strategies.hetlora import pow2_floor
+from testbed.strategies.legend import rank_distribution
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("depth", range(1, 7))
+@pytest.mark.parametrize("low, high", [(2, 8), (1, 16), (4, 4)])
+def test_legend_ranks_are_non_decreasing_toward_the_output(depth, low, high):
+    ranks = rank_distribution(depth, 6, low, high, "ramp")
+    lora = [r for r in ranks.values() if r]
+    assert len(lora) == depth and all(r == 0 for l, r in ranks.items() if l < 6 - depth)
+    assert lora == sorted(lora) and lora[-1] == high and min(lora) >= 1
+    assert all(r & (r - 1) == 0 for r in lora)  # powers of two
+
+
+def test_pow2_floor():
+    assert [pow2_floor(x) for x in (0.5, 1, 1.9, 2, 7.9, 8, 15)] == [1, 1, 1, 2, 4, 8, 8]
+
+
+@pytest.mark.parametrize("name", ["hetlora", "flexlora"])
+def test_heterogeneous_ranks_follow_device_speed(tiny_bert, tmp_path, name):
+    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": name, "model.lora.rank": 8,
+                                              "devices": {"agx-orin": 1, "jetson-tx2": 1}}))
+    run_inprocess(cfg, tmp_path, quiet=True)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    up = {d["device"]: d["bytes_up"] for d in rows[0]["devices"]}
+    assert up["agx-orin-0"] > 2 * up["jetson-tx2-0"]  # rank 8 vs rank 2
+    state = torch.load(tmp_path / "checkpoint.pt")["lora"]
+    for name, t in state[0].items():  # the global state stays at the largest rank
+        assert (t.shape[0] if name.endswith(".A") else t.shape[1]) == 8
