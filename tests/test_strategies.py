@@ -36,3 +36,27 @@ def test_heterogeneous_ranks_follow_device_speed(tiny_bert, tmp_path, name):
     state = torch.load(tmp_path / "checkpoint.pt")["lora"]
     for name, t in state[0].items():  # the global state stays at the largest rank
         assert (t.shape[0] if name.endswith(".A") else t.shape[1]) == 8
+
+
+def test_backprop_stops_at_the_lowest_lora_layer(tiny_bert):
+    """LEGEND's depth: layers below the lowest LoRA layer store nothing for backward."""
+    from agents.trainer import train_plan
+    from testbed.config import LoraConfig, TrainConfig
+    from testbed.data import Split, tokenize
+    from testbed.model import init_lora, load_backbone, model_info
+    from testbed.config import ModelConfig
+    from testbed.plan import Plan
+
+    bb = load_backbone(ModelConfig(name=tiny_bert, lora=LoraConfig(rank=4, alpha=8)), 4, seed=0)
+    info = model_info(bb)
+    tokens = tokenize(bb.tokenizer, Split(["a b c d e f"] * 32, [0, 1, 2, 3] * 8), 64)  # activations dominate
+    footprint = {}
+    for depth in (2, 1):
+        ranks = {l: (4 if l >= 2 - depth else 0) for l in range(2)}
+        lora = init_lora(info, [l for l, r in ranks.items() if r], 4, seed=0)
+        res = train_plan(bb, Plan(ranks=ranks, local_steps=2, batch_size=32), lora,
+                         {n: p.detach().clone() for n, p in bb.head_params().items()}, tokens, list(range(32)),
+                         LoraConfig(rank=4, alpha=8), TrainConfig(), seed=0)
+        footprint[depth] = res.footprint_mb
+        assert sorted(res.lora) == [l for l, r in ranks.items() if r]
+    assert footprint[1] < footprint[2] * 0.8

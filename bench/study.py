@@ -1,0 +1,69 @@
+"""The methods' study shared by bench/legend.py, bench/droppeft.py and bench/fedpruner.py.
+
+Runs examples/agnews-jetsons.yaml once per strategy (same seed, same data, modelled clock)
+and compares each with `fedlora`: time and bytes to the target accuracy, final accuracy,
+per-device peak memory and round-time spread.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "ag_news"
+
+from testbed.config import load_config  # noqa: E402
+from testbed.run import run_inprocess  # noqa: E402
+
+
+def study_sets(quick: bool) -> list[str]:
+    if not (DATA / "train.csv").is_file():
+        sys.exit(f"the AG News sample is not at {DATA}")
+    sets = [f"data.train_file={DATA / 'train.csv'}", f"data.test_file={DATA / 'test.csv'}"]
+    if quick:
+        sets += ["rounds=3", "model.max_length=32", "data.max_test=200", "train.local_steps=4",
+                 "target_accuracy=0.5"]
+    return sets
+
+
+def run(name: str, sets: list[str], out: Path) -> dict:
+    cfg = load_config(ROOT / "examples" / "agnews-jetsons.yaml", sets)
+    start = time.perf_counter()
+    summary = run_inprocess(cfg, out / name, quiet=True)
+    rows = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines()]
+    hit = summary["rounds_to_target"]
+    bytes_to_target = sum(r["bytes_up"] + r["bytes_down"] for r in rows[:hit]) if hit else None
+    spreads = [max(d["clock_s"] for d in r["devices"]) / min(d["clock_s"] for d in r["devices"]) for r in rows]
+    result = {"final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
+              "time_to_target_s": summary["time_to_target_s"], "rounds_to_target": hit,
+              "bytes_to_target": bytes_to_target, "clock_s": summary["clock_s"],
+              "bytes_total": summary["bytes_up"] + summary["bytes_down"],
+              "peak_train_mem_mb": {d: v["peak_train_mem_mb"] for d, v in summary["devices"].items()},
+              "round_spread_max_over_min": round(sorted(spreads)[len(spreads) // 2], 3),
+              "failures": len(summary["failures"]), "wall_s": round(time.perf_counter() - start, 1)}
+    print(f"{name:<10} final {result['final_accuracy']:.4f}  target@ {result['time_to_target_s']} s "
+          f"({hit} rounds)  bytes {result['bytes_to_target']}  ({result['wall_s']} s)", file=sys.stderr)
+    return result
+
+
+def compare(results: dict, baseline: str = "fedlora") -> dict:
+    """Ratios against the baseline: speedup to target, traffic and memory reduction, accuracy gap."""
+    base = results[baseline]
+    out = {}
+    for name, r in results.items():
+        if name == baseline:
+            continue
+        both = r["time_to_target_s"] and base["time_to_target_s"]
+        out[name] = {
+            "speedup_to_target": round(base["time_to_target_s"] / r["time_to_target_s"], 3) if both else None,
+            "bytes_to_target_reduction": round(1 - r["bytes_to_target"] / base["bytes_to_target"], 3) if both else None,
+            "peak_mem_reduction": round(1 - max(r["peak_train_mem_mb"].values())
+                                        / max(base["peak_train_mem_mb"].values()), 3),
+            "mean_mem_reduction": round(1 - sum(r["peak_train_mem_mb"].values())
+                                        / sum(base["peak_train_mem_mb"].values()), 3),
+            "final_accuracy_gap_points": round(100 * (r["final_accuracy"] - base["final_accuracy"]), 2),
+        }
+    return out
