@@ -10,6 +10,7 @@ import zlib
 from agents.trainer import train_plan
 from testbed.config import ExperimentConfig
 from testbed.data import Shard, Tokens
+from testbed.evaluate import evaluate
 from testbed.memory import peak_rss_mb
 from testbed.model import Backbone, init_lora, model_info
 from testbed.plan import HeadState, LoraState, Plan, Report, Update
@@ -27,16 +28,27 @@ class Agent:
     def run(self, round: int, plan: Plan, lora: LoraState, head: HeadState) -> Update:
         lora = {**lora, **self._personal_layers(plan)}
         seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
+        before = self._validate(plan, lora, head)
         res = train_plan(self.bb, plan, lora, head, self.tokens, self.shard.train,
                          self.cfg.model.lora, self.cfg.train, seed)
+        after = self._validate(plan, res.lora, res.head)
         shared = set(plan.shared(self.bb.num_layers))
         self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
         report = Report(compute_s=res.compute_s, step_s=res.step_s,
-                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb())
+                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(),
+                        val_accuracy_before=before["accuracy"], val_accuracy=after["accuracy"],
+                        val_loss_before=before["loss"], val_loss=after["loss"])
         return Update(device=self.device, round=round,
                       lora={l: t for l, t in res.lora.items() if l in shared}, head=res.head,
                       samples=len(self.shard.train), active_steps=res.active_steps,
                       steps=plan.local_steps, loss=res.loss, report=report)
+
+    def _validate(self, plan: Plan, lora: LoraState, head: HeadState) -> dict[str, float]:
+        """This device's model (all layers, no dropout) on its own validation split."""
+        if not plan.validate or not self.shard.val:
+            return {"accuracy": 0.0, "loss": 0.0}
+        return evaluate(self.bb, lora, head, self.tokens, self.cfg.model.lora, self.cfg.train.eval_batch_size,
+                        self.shard.val)
 
     def _personal_layers(self, plan: Plan) -> LoraState:
         """This device's own factors for its personal layers, started like the global ones."""

@@ -83,6 +83,7 @@ class Aggregator:
                "loss": sum(u.loss * u.samples for u in updates) / max(sum(u.samples for u in updates), 1),
                "bytes_up": sum(u.report.bytes_up for u in updates),
                "bytes_down": sum(u.report.bytes_down for u in updates),
+               "personal_accuracy": personal_accuracy(per_device, updates),
                "devices": per_device, "failures": [f.device for f in result.failures]}
         self.log.row(row)
         self.log.checkpoint({"round": r, "lora": state.lora, "head": state.head,
@@ -103,6 +104,8 @@ class Aggregator:
                "loss": u.loss, "layers": len(plan.trained(self.exp.info.num_layers)),
                "peak_train_mem_mb": round(u.report.peak_train_mem_mb, 3),
                "bytes_up": u.report.bytes_up, "bytes_down": u.report.bytes_down}
+        if plan.validate:
+            rec["personal_accuracy"] = u.report.val_accuracy
         total = self.devices.setdefault(u.device, {"class": device.device_class, "rounds": 0,
                                                    "peak_train_mem_mb": 0.0, "peak_rss_mb": 0.0,
                                                    "bytes_up": 0, "bytes_down": 0})
@@ -118,3 +121,9 @@ class Aggregator:
         if self.cfg.clock == "wall":
             return wall
         return max((d["clock_s"] for d in per_device), default=0.0)
+
+
+def personal_accuracy(per_device: list[dict], updates: list) -> float | None:
+    """Each device's own model on its own validation split, weighted by its samples."""
+    pairs = [(d["personal_accuracy"], u.samples) for d, u in zip(per_device, updates) if "personal_accuracy" in d]
+    return sum(a * n for a, n in pairs) / sum(n for _, n in pairs) if pairs else None

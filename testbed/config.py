@@ -139,9 +139,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
 
 
 def from_dict(raw: dict, source: str = "<config>") -> ExperimentConfig:
-    cfg = _build(ExperimentConfig, raw, "", source)
-    cfg.strategy = _build(_strategy_options(cfg.strategy.name, source), raw.get("strategy", {}),
-                          "strategy", source)
+    """Validate a raw mapping; the strategy's section against that strategy's own options."""
+    rest = {k: v for k, v in raw.items() if k != "strategy"}
+    strategy = raw.get("strategy") or {}
+    cfg = _build(ExperimentConfig, rest, "", source)
+    name = strategy.get("name", StrategyConfig.name) if isinstance(strategy, dict) else None
+    cfg.strategy = _build(_strategy_options(name, source), strategy, "strategy", source)
     return cfg
 
 

@@ -48,6 +48,8 @@ def summarise(rows: list[dict], method: str, cfg: ExperimentConfig, devices: dic
         "rounds": len(rows),
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
         "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+        "final_personal_accuracy": next((r["personal_accuracy"] for r in reversed(rows)
+                                         if r.get("personal_accuracy") is not None), None),
         "target_accuracy": cfg.target_accuracy,
         "time_to_target_s": hit["clock_s"] if hit else None,
         "rounds_to_target": hit["round"] + 1 if hit else None,

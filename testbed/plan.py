@@ -28,6 +28,7 @@ class Plan:
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-4
+    validate: bool = False  # evaluate on the device's validation split before and after training
 
     def resident(self, num_layers: int) -> list[int]:
         return list(range(num_layers)) if self.layers is None else sorted(self.layers)
@@ -51,6 +52,11 @@ class Report:
     peak_rss_mb: float = 0.0  # process peak resident set size
     bytes_up: int = 0
     bytes_down: int = 0
+    # On the device's own validation split (when the plan asks), before and after local training:
+    val_accuracy_before: float = 0.0
+    val_accuracy: float = 0.0
+    val_loss_before: float = 0.0
+    val_loss: float = 0.0
 
 
 @dataclass

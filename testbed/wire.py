@@ -135,7 +135,7 @@ def _tensor(entry: object, payload: memoryview) -> tuple[str, torch.Tensor]:
 def plan_message(round: int, device: str, seq: int, plan: Plan, lora: LoraState, head: HeadState) -> Message:
     meta = {"ranks": sorted(plan.ranks.items()), "layers": plan.layers, "drop": sorted(plan.drop.items()),
             "personal": plan.personal, "local_steps": plan.local_steps, "batch_size": plan.batch_size,
-            "lr": plan.lr}
+            "lr": plan.lr, "validate": plan.validate}
     return Message("plan", round, device, seq, meta, _flatten(lora, head))
 
 
@@ -145,7 +145,8 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
         plan = Plan(ranks={int(l): int(r) for l, r in m["ranks"]},
                     layers=None if m["layers"] is None else [int(l) for l in m["layers"]],
                     drop={int(l): float(p) for l, p in m["drop"]}, personal=[int(l) for l in m["personal"]],
-                    local_steps=int(m["local_steps"]), batch_size=int(m["batch_size"]), lr=float(m["lr"]))
+                    local_steps=int(m["local_steps"]), batch_size=int(m["batch_size"]), lr=float(m["lr"]),
+                    validate=bool(m["validate"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"malformed plan from the aggregator: {exc}") from None
     return (plan, *_unflatten(msg.tensors))
@@ -153,7 +154,8 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
 
 # Measured figures travel as one fixed-size float64 tensor, so that message sizes do not
 # depend on them (the modelled clock's runs must count identical bytes).
-MEASURED = ("compute_s", "step_s", "peak_train_mem_mb", "peak_rss_mb")
+MEASURED = ("compute_s", "step_s", "peak_train_mem_mb", "peak_rss_mb",
+            "val_accuracy_before", "val_accuracy", "val_loss_before", "val_loss")
 
 
 def update_message(update: Update, seq: int) -> Message:

@@ -1,9 +1,10 @@
 """Strategies by name, as configs refer to them."""
 from testbed.strategies.base import Context, Strategy
+from testbed.strategies.droppeft import DropPEFT
 from testbed.strategies.fedlora import FedLoRA
 from testbed.strategies.hetlora import FlexLoRA, HetLoRA
 from testbed.strategies.legend import Legend
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA, HetLoRA, FlexLoRA, Legend]}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA, HetLoRA, FlexLoRA, Legend, DropPEFT]}
 
 __all__ = ["STRATEGIES", "Context", "Strategy"]

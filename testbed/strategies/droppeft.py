@@ -1,0 +1,116 @@
+"""DropPEFT: stochastic transformer layer dropout, bandit-chosen ratios, personal layers.
+
+Reconstructed from arXiv 2503.10217; every guess is an option.  Each round a bandit per
+device (or per device class) picks a dropout vector (an arm); at every local step the
+device skips each layer with that probability, so a skipped layer costs no compute and
+stores nothing.  The reward is the gain in the device's validation accuracy (or the drop
+in its validation loss) per second of its round on the run's clock.  Arms whose predicted
+memory does not fit the device are never tried.  PTLS keeps `personal_k` layers' LoRA on
+the devices: the top layers, or those with the largest client drift after the first rounds.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from testbed.aggregate import aggregate, average_head
+from testbed.bandit import Bandit
+from testbed.config import StrategyConfig, option
+from testbed.errors import TestbedError
+from testbed.plan import Plan, Report, Update
+from testbed.strategies.base import Strategy
+from testbed.strategies.fedlora import contributions
+
+
+@dataclass
+class DropPEFTOptions(StrategyConfig):
+    shapes: list[str] = option(["uniform", "rising"], doc="uniform: p everywhere; rising: p_l = p_max (l+1)/L")
+    maxima: list[float] = option([0.0, 0.2, 0.4, 0.6], doc="the p (or p_max) of each arm")
+    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
+    epsilon: float = option(0.1, lo=0, hi=1)
+    bandit_per: str = option("device", choices=("device", "class"))
+    reward: str = option("accuracy", choices=("accuracy", "loss"))
+    personal_k: int = option(1, lo=0, doc="layers whose LoRA stays on the devices (PTLS); 0 = none")
+    personal_by: str = option("top", choices=("top", "drift"))
+    drift_rounds: int = option(1, lo=1, doc="rounds with every layer shared before drift picks the personal ones")
+
+
+class DropPEFT(Strategy):
+    name = "droppeft"
+    Options = DropPEFTOptions
+
+    def __init__(self, ctx, state):
+        super().__init__(ctx, state)
+        n = ctx.model.num_layers
+        self.arms = [self.arm(shape, p, n) for shape in self.opts.shapes for p in self.opts.maxima]
+        self.bandits: dict[str, Bandit] = {}
+        self.chosen: dict[str, int] = {}
+        self.plans: dict[str, Plan] = {}
+        self.drift = [0.0] * n
+        self.personal = list(range(n - self.opts.personal_k, n)) if self.opts.personal_by == "top" else []
+        self.rng = random.Random(ctx.cfg.seed)
+
+    @staticmethod
+    def arm(shape: str, p: float, n: int) -> dict[int, float]:
+        if shape == "uniform":
+            return {l: p for l in range(n)}
+        if shape == "rising":
+            return {l: p * (l + 1) / n for l in range(n)}
+        raise TestbedError(f"strategy.shapes: unknown arm shape {shape!r} (uniform, rising)")
+
+    def bandit_key(self, device: str) -> str:
+        return self.ctx.devices[device].device_class if self.opts.bandit_per == "class" else device
+
+    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+        if self.opts.personal_by == "drift" and round == self.opts.drift_rounds and not self.personal:
+            ranked = sorted(range(len(self.drift)), key=lambda l: -self.drift[l])
+            self.personal = sorted(ranked[: self.opts.personal_k])
+        rank = self.ctx.cfg.model.lora.rank
+        ranks = {l: rank for l in range(self.ctx.model.num_layers)}
+        self.plans = {}
+        for device in self.sample(round, available):
+            bandit = self.bandits.setdefault(self.bandit_key(device),
+                                             Bandit(len(self.arms), self.opts.bandit, self.opts.epsilon))
+            candidates = [self.base_plan(ranks, drop=arm, personal=self.personal, validate=True) for arm in self.arms]
+            allowed = [i for i, p in enumerate(candidates) if self.ctx.cost.fits(self.ctx.devices[device], p)]
+            arm = bandit.select(self.rng, allowed or [max(range(len(self.arms)), key=lambda i: sum(self.arms[i].values()))])
+            self.chosen[device] = arm
+            self.plans[device] = candidates[arm]
+        return self.plans
+
+    def aggregate(self, round: int, updates: list[Update]) -> None:
+        per_layer = contributions(updates)
+        if self.opts.personal_by == "drift" and round < self.opts.drift_rounds:
+            self.measure_drift(per_layer)
+        self.state.lora = aggregate(self.state.lora, per_layer, "fedavg")
+        self.state.head = average_head([(u.samples, u.head) for u in updates])
+
+    def measure_drift(self, per_layer) -> None:
+        """Client drift of a layer: mean distance of the devices' updates B A from their average."""
+        for layer, contribs in per_layer.items():
+            modules = {n[:-2] for n in contribs[0].factors}
+            for m in modules:
+                products = [c.factors[f"{m}.B"] @ c.factors[f"{m}.A"] for c in contribs]
+                mean = torch.stack(products).mean(0)
+                self.drift[layer] += float(sum(torch.linalg.norm(p - mean) for p in products) / len(products))
+
+    def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
+        for device, report in reports.items():
+            if device not in self.plans:
+                continue
+            seconds = (self.ctx.cost.round_seconds(self.ctx.devices[device], self.plans[device])
+                       if self.ctx.cfg.clock == "modelled" else report.compute_s)
+            gain = (report.val_accuracy - report.val_accuracy_before if self.opts.reward == "accuracy"
+                    else report.val_loss_before - report.val_loss)
+            self.bandits[self.bandit_key(device)].update(self.chosen[device], gain / max(seconds, 1e-9))
+
+    def state_dict(self) -> dict:
+        return {"bandits": {k: vars(b) for k, b in self.bandits.items()}, "personal": self.personal,
+                "drift": self.drift, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bandits = {k: Bandit(**v) for k, v in state["bandits"].items()}
+        self.personal, self.drift = state["personal"], state["drift"]
+        self.rng.setstate(state["rng"])

@@ -1,0 +1,89 @@
+"""DropPEFT: layer dropout in training, the bandit, personal layers."""
+import json
+import random
+
+import pytest
+import torch
+
+from agents.trainer import train_plan
+from testbed.bandit import Bandit
+from testbed.config import LoraConfig, ModelConfig, TrainConfig, from_dict
+from testbed.data import Split, tokenize
+from testbed.errors import TestbedError
+from testbed.model import init_lora, load_backbone, model_info
+from testbed.plan import Plan
+from testbed.run import run_inprocess
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert):
+    bb = load_backbone(ModelConfig(name=tiny_bert, lora=LoraConfig(rank=4, alpha=8)), 4, seed=0)
+    tokens = tokenize(bb.tokenizer, Split(["a b c d e f g"] * 32, [0, 1, 2, 3] * 8), 32)
+    return bb, tokens, {n: p.detach().clone() for n, p in bb.head_params().items()}
+
+
+def train(setup, drop, steps=4):
+    bb, tokens, head = setup
+    info = model_info(bb)
+    lora = init_lora(info, [0, 1], 4, seed=0)
+    lora = {l: {n: t + 0.01 for n, t in ts.items()} for l, ts in lora.items()}  # B != 0: gradients reach A
+    res = train_plan(bb, Plan(ranks={0: 4, 1: 4}, drop=drop, local_steps=steps, batch_size=16), lora, head, tokens,
+                     list(range(32)), LoraConfig(rank=4, alpha=8), TrainConfig(lr=1e-2), seed=1)
+    return lora, res
+
+
+def test_a_dropped_layer_gets_no_gradient_and_stores_nothing(setup):
+    lora, never = train(setup, {0: 1.0})
+    assert never.active_steps == {0: 0, 1: 4}
+    for name, t in lora[0].items():
+        assert torch.equal(never.lora[0][name], t), name  # untouched
+    assert any(not torch.equal(never.lora[1][n], t) for n, t in lora[1].items())
+    _, full = train(setup, {})
+    _, half = train(setup, {0: 0.5, 1: 0.5}, steps=8)
+    assert never.footprint_mb < full.footprint_mb
+    assert 0 < sum(half.active_steps.values()) < 16
+
+
+def test_layer_dropout_is_seeded(setup):
+    _, a = train(setup, {0: 0.5, 1: 0.5}, steps=8)
+    _, b = train(setup, {0: 0.5, 1: 0.5}, steps=8)
+    assert a.active_steps == b.active_steps and a.loss == b.loss
+
+
+@pytest.mark.parametrize("policy", ["ucb1", "epsilon", "thompson"])
+def test_bandit_finds_the_best_arm(policy):
+    bandit, rng = Bandit(3, policy, epsilon=0.1), random.Random(0)
+    means = [0.1, 0.5, 0.3]
+    picks = []
+    for _ in range(300):
+        arm = bandit.select(rng, [0, 1, 2])
+        bandit.update(arm, rng.gauss(means[arm], 0.1))
+        picks.append(arm)
+    assert picks[-100:].count(1) > 60
+
+
+def test_bandit_only_picks_allowed_arms():
+    bandit, rng = Bandit(4), random.Random(0)
+    for _ in range(20):
+        arm = bandit.select(rng, [1, 3])
+        assert arm in (1, 3)
+        bandit.update(arm, 1.0)
+
+
+def test_droppeft_run_keeps_personal_layers_home(tiny_bert, tmp_path):
+    cfg = from_dict(tiny_config(tiny_bert, rounds=3, **{"strategy.name": "droppeft", "strategy.personal_k": 1}))
+    summary = run_inprocess(cfg, tmp_path / "drop", quiet=True)
+    base = run_inprocess(from_dict(tiny_config(tiny_bert, rounds=3)), tmp_path / "base", quiet=True)
+    rows = [json.loads(l) for l in (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()]
+    assert all(d["layers"] == 2 for r in rows for d in r["devices"])
+    assert summary["bytes_up"] < 0.7 * base["bytes_up"]  # one of two layers never travels
+    assert summary["final_personal_accuracy"] is not None and rows[-1]["personal_accuracy"] is not None
+    state = torch.load(tmp_path / "drop" / "checkpoint.pt")["lora"]
+    assert all(torch.count_nonzero(t) == 0 for n, t in state[1].items() if n.endswith(".B"))  # never aggregated
+
+
+def test_unknown_arm_shape_is_a_config_error(tiny_bert, tmp_path):
+    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "droppeft", "strategy.shapes": ["zigzag"]}))
+    with pytest.raises(TestbedError, match="strategy.shapes"):
+        run_inprocess(cfg, tmp_path, quiet=True)
