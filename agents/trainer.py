@@ -22,7 +22,8 @@ class TrainResult:
     loss: float
     compute_s: float
     step_s: float
-    footprint_mb: float
+    footprint_mb: float  # at the step with the most saved activations
+    footprint_mean_mb: float  # averaged over steps (layer dropout varies it)
 
 
 def batches(indices: list[int], steps: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
@@ -45,7 +46,7 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
     resident = plan.resident(bb.num_layers)
     ranks = {l: plan.ranks.get(l, 0) for l in resident}
     active_steps = {l: 0 for l in resident}
-    losses, times, peak_saved = [], [], 0
+    losses, times, saved = [], [], []
     with lora_applied(bb, ranks, lora_cfg) as model:
         if any(ranks.values()):
             set_lora(bb, model, lora)
@@ -68,11 +69,12 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
             for l in keep:
                 active_steps[l] += 1
             losses.append(loss.item())
-            peak_saved = max(peak_saved, counter.bytes)
+            saved.append(counter.bytes)
             times.append(time.perf_counter() - t0)
         compute_s = time.perf_counter() - start
-        footprint = training_footprint(model, peak_saved)
+        fixed = training_footprint(model, 0)
         trained = get_lora(bb, model) if any(ranks.values()) else {}
         result = TrainResult(trained, get_head(bb), active_steps, statistics.fmean(losses),
-                             compute_s, statistics.median(times), footprint / MB)
+                             compute_s, statistics.median(times), (fixed + max(saved)) / MB,
+                             (fixed + statistics.fmean(saved)) / MB)
     return result
