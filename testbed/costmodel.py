@@ -1,58 +1,100 @@
 """CostModel: predicted seconds, memory and bytes of a Plan on a Device.
 
-Strategies reason about devices only through this.  Compute is counted in
-FLOPs per token (forward 2 x parameters, backward through a frozen layer about as
-much again) and divided by the device's throughput: the reference throughput times
-the device's speed factor.
+Strategies reason about devices only through this.
+- Bytes: what the wire sends for the plan's messages, computed from their layout (the LoRA
+  slices the plan shares, the head, the header), exact up to a few header bytes.
+- Memory: resident parameters (the plan's layers plus embeddings and head), LoRA weights with
+  their gradients and AdamW state, and the activations saved for backward by the layers at
+  or above the lowest LoRA layer (below it nothing is saved).  Saved bytes per token are
+  counted once per run on the real model (`measure_activations`), so the figure is exact for
+  the run's sequence length; memory is the worst case over dropout (every layer runs).
+- Time: FLOPs per token (forward about 2 x parameters plus attention; backward through a
+  layer about as much again, only at or above the lowest LoRA layer), in expectation over
+  dropout, divided by the device's throughput (the reference's times its speed factor).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from testbed.devices import Device
+from testbed.memory import Activations
 from testbed.model import ModelInfo
-from testbed.plan import Plan
+from testbed.plan import HeadState, LoraState, Plan, Update
+from testbed.wire import packed_size, plan_message, update_message
 
 FLOAT_BYTES = 4
-REFERENCE_GFLOPS = 80.0  # effective training throughput of the reference machine
+REFERENCE_GFLOPS = 106.0  # MiniLM training on the reference (2 threads): 44.7 GFLOP per 0.42 s step
+LENGTH_PREFIX = 8  # what a stream transport adds in front of each message
 
 
 @dataclass
 class CostModel:
     info: ModelInfo
     seq_len: int
+    activations: Activations
+    head_shapes: dict[str, tuple[int, ...]]
+    wire_dtype: torch.dtype = torch.float32
     reference_gflops: float = REFERENCE_GFLOPS
 
+    def layer_flops_per_token(self) -> float:
+        hidden = max(i for _, i in self.info.shapes.values())
+        return 2 * self.info.layer_params + 4 * self.seq_len * hidden
+
     def step_seconds(self, device: Device, plan: Plan) -> float:
-        """Expected seconds of one local step (dropout makes a layer's cost its keep probability)."""
-        tokens = plan.batch_size * self.seq_len
-        active = sum(1 - plan.drop.get(l, 0.0) for l in plan.resident(self.info.num_layers))
-        flops = tokens * 2 * (2 * self.info.layer_params * active + self.info.other_params / 10)
+        n = self.info.num_layers
+        keep = {l: 1 - plan.drop.get(l, 0.0) for l in plan.resident(n)}
+        lowest = min(plan.trained(n), default=n)
+        fwd = sum(keep.values())
+        bwd = sum(k for l, k in keep.items() if l >= lowest)
+        flops = plan.batch_size * self.seq_len * (
+            self.layer_flops_per_token() * (fwd + bwd) + 2 * self.info.other_params / self.seq_len)
         return flops / (self.reference_gflops * 1e9 * device.speed)
 
-    def lora_bytes(self, ranks: dict[int, int], layers: list[int]) -> int:
+    def lora_params(self, plan: Plan, layers: list[int]) -> int:
         per_rank = sum(o + i for o, i in self.info.shapes.values())
-        return sum(ranks.get(l, 0) * per_rank * FLOAT_BYTES for l in layers)
+        return sum(plan.ranks.get(l, 0) * per_rank for l in layers)
+
+    def shapes(self, plan: Plan) -> tuple[LoraState, HeadState]:
+        """Stand-in tensors (no data) of the LoRA slices a plan shares, and of the head."""
+        lora = {}
+        for l in plan.shared(self.info.num_layers):
+            r = plan.ranks[l]
+            lora[l] = {}
+            for m, (out_f, in_f) in self.info.shapes.items():
+                lora[l][f"{m}.A"] = torch.empty(r, in_f, device="meta")
+                lora[l][f"{m}.B"] = torch.empty(out_f, r, device="meta")
+        return lora, {n: torch.empty(s, device="meta") for n, s in self.head_shapes.items()}
 
     def bytes_down(self, plan: Plan) -> int:
-        return self.lora_bytes(plan.ranks, plan.shared(self.info.num_layers))
+        lora, head = self.shapes(plan)
+        return LENGTH_PREFIX + packed_size(plan_message(0, "device", 0, plan, lora, head), self.wire_dtype)
 
     def bytes_up(self, plan: Plan) -> int:
-        return self.lora_bytes(plan.ranks, plan.shared(self.info.num_layers))
-
-    def transfer_seconds(self, device: Device, nbytes: int) -> float:
-        return device.latency_ms / 1000 + nbytes * 8 / (device.bandwidth_mbit * 1e6)
+        """The update of a plan (its measured loss and step counts change the header by a few bytes)."""
+        lora, head = self.shapes(plan)
+        n = self.info.num_layers
+        update = Update("device", 0, lora, head, samples=1000, active_steps=dict.fromkeys(plan.resident(n), 10),
+                        steps=plan.local_steps, loss=1.2345678901234567)
+        return LENGTH_PREFIX + packed_size(update_message(update, 0), self.wire_dtype)
 
     def peak_memory_bytes(self, device: Device, plan: Plan) -> int:
-        """Resident weights, LoRA with gradients and Adam state, and a coarse activation estimate."""
-        resident = len(plan.resident(self.info.num_layers)) * self.info.layer_params + self.info.other_params
-        lora = self.lora_bytes(plan.ranks, plan.trained(self.info.num_layers))
-        hidden = max(o for o, _ in self.info.shapes.values())
-        activations = plan.batch_size * self.seq_len * hidden * 16 * FLOAT_BYTES * len(plan.trained(self.info.num_layers))
-        return resident * FLOAT_BYTES + 4 * lora + activations
+        n = self.info.num_layers
+        resident = len(plan.resident(n)) * self.info.layer_params + self.info.other_params
+        lora = self.lora_params(plan, plan.trained(n))
+        lowest = min(plan.trained(n), default=n)
+        tokens = plan.batch_size * self.seq_len
+        saved = tokens * (self.activations.fixed
+                          + self.activations.per_layer * sum(1 for l in plan.resident(n) if l >= lowest))
+        head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
+        return int(resident * FLOAT_BYTES + 4 * lora * FLOAT_BYTES + 3 * head + saved)
 
     def fits(self, device: Device, plan: Plan) -> bool:
         return self.peak_memory_bytes(device, plan) <= device.memory_mb * 1024 * 1024
+
+    def transfer_seconds(self, device: Device, nbytes: int) -> float:
+        return device.latency_ms / 1000 + nbytes * 8 / (device.bandwidth_mbit * 1e6)
 
     def round_seconds(self, device: Device, plan: Plan) -> float:
         return (plan.local_steps * self.step_seconds(device, plan)

@@ -9,6 +9,7 @@ from testbed.config import ExperimentConfig
 from testbed.costmodel import CostModel
 from testbed.data import Dataset, load_splits, partition, tokenize
 from testbed.devices import Device, devices_from_config
+from testbed.memory import measure_activations
 from testbed.model import Backbone, ModelInfo, load_backbone, model_info
 
 
@@ -33,4 +34,7 @@ def setup(cfg: ExperimentConfig) -> Experiment:
                    tokenize(bb.tokenizer, test, cfg.model.max_length),
                    num_labels, shards, cfg.data.source == "synthetic")
     info = model_info(bb)
-    return Experiment(cfg, bb, info, data, devices, CostModel(info, cfg.model.max_length))
+    activations = measure_activations(bb, cfg.model.lora, cfg.model.max_length)
+    head_shapes = {n: tuple(p.shape) for n, p in bb.head_params().items()}
+    cost = CostModel(info, cfg.model.max_length, activations, head_shapes, getattr(torch, cfg.wire.dtype))
+    return Experiment(cfg, bb, info, data, devices, cost)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,3 +55,29 @@ def peak_rss_mb() -> float:
     """The process's peak resident set size so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+@dataclass
+class Activations:
+    """Bytes autograd saves per token: per layer at or above the lowest LoRA layer, and fixed."""
+
+    per_layer: float
+    fixed: float
+
+
+def measure_activations(bb, lora_cfg, seq_len: int, batch: int = 2) -> Activations:
+    """Count saved bytes for one step with LoRA on every layer and on the top layer only."""
+    from testbed.model import lora_applied
+
+    ids = torch.full((batch, seq_len), bb.model.config.pad_token_id or 0, dtype=torch.long)
+    ids[:, : seq_len // 2] = 1000 % bb.model.config.vocab_size
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(batch, dtype=torch.long)}
+    saved = []
+    for layers in (range(bb.num_layers), [bb.num_layers - 1]):
+        with lora_applied(bb, {l: lora_cfg.rank for l in layers}, lora_cfg) as model:
+            model.train()  # as in training: dropout masks are saved too (their sizes do not depend on the RNG)
+            with SavedTensorCounter(model) as counter:
+                model(**inputs).loss
+            saved.append(counter.bytes / (batch * seq_len))
+    per_layer = (saved[0] - saved[1]) / max(bb.num_layers - 1, 1)
+    return Activations(per_layer=per_layer, fixed=max(saved[1] - per_layer, 0.0))

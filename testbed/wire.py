@@ -45,19 +45,12 @@ class Message:
 
 
 def pack(msg: Message, key: bytes, dtype: torch.dtype | None = None) -> bytearray:
-    tensors = [(n, _for_wire(t, dtype)) for n, t in msg.tensors.items()]
-    index, size = [], 0
-    for name, t in tensors:
-        size = (size + 7) & ~7
-        nbytes = t.numel() * t.element_size()
-        index.append([name, NAMES[t.dtype], list(t.shape), size, nbytes])
-        size += nbytes
-    header = json.dumps({"kind": msg.kind, "round": msg.round, "device": msg.device, "seq": msg.seq,
-                         "meta": msg.meta, "index": index}, separators=(",", ":")).encode()
+    tensors = [_for_wire(t, dtype) for t in msg.tensors.values()]
+    index, header, size = _layout(msg, tensors)
     start = PREFIX.size + len(header)
     buf = bytearray(start + size)
     buf[PREFIX.size:start] = header
-    for (_, _, _, offset, nbytes), (_, t) in zip(index, tensors):
+    for (_, _, _, offset, nbytes), t in zip(index, tensors):
         if nbytes:
             dst = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start + offset)
             dst.copy_(t.reshape(-1).view(torch.uint8))
@@ -67,13 +60,32 @@ def pack(msg: Message, key: bytes, dtype: torch.dtype | None = None) -> bytearra
     return buf
 
 
+def packed_size(msg: Message, dtype: torch.dtype | None = None) -> int:
+    """The size `pack` would produce; the tensors may live on the meta device (no data needed)."""
+    tensors = [t.to(dtype) if dtype is not None and t.dtype == torch.float32 else t for t in msg.tensors.values()]
+    _, header, size = _layout(msg, tensors)
+    return PREFIX.size + len(header) + size
+
+
+def _layout(msg: Message, tensors: list[torch.Tensor]) -> tuple[list, bytes, int]:
+    index, size = [], 0
+    for name, t in zip(msg.tensors, tensors):
+        if t.dtype not in NAMES:
+            raise TestbedError(f"wire: cannot send a tensor of dtype {t.dtype}")
+        size = (size + 7) & ~7
+        nbytes = t.numel() * t.element_size()
+        index.append([name, NAMES[t.dtype], list(t.shape), size, nbytes])
+        size += nbytes
+    header = json.dumps({"kind": msg.kind, "round": msg.round, "device": msg.device, "seq": msg.seq,
+                         "meta": msg.meta, "index": index}, separators=(",", ":")).encode()
+    return index, header, size
+
+
 def _for_wire(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Model tensors (float32) travel in `dtype` when given; float64 ones (measurements) stay exact."""
     t = t.detach().cpu()
     if dtype is not None and t.dtype == torch.float32:
         t = t.to(dtype)
-    if t.dtype not in NAMES:
-        raise TestbedError(f"wire: cannot send a tensor of dtype {t.dtype}")
     return t.contiguous()
 
 

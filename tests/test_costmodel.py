@@ -1,0 +1,45 @@
+"""The cost model against what the runtime actually counts."""
+import json
+
+import pytest
+
+from testbed.config import from_dict
+from testbed.experiment import setup
+from testbed.plan import Plan
+from testbed.run import run_inprocess
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def exp(tiny_bert):
+    return setup(from_dict(tiny_config(tiny_bert)))
+
+
+def plan(**kw) -> Plan:
+    return Plan(ranks=kw.pop("ranks", {0: 4, 1: 4}), batch_size=kw.pop("batch_size", 8), **kw)
+
+
+def test_predictions_are_monotonic(exp):
+    cost, dev = exp.cost, exp.devices["laptop-0"]
+    full = plan()
+    assert cost.step_seconds(dev, plan(drop={0: 0.5, 1: 0.5})) < cost.step_seconds(dev, full)
+    assert cost.step_seconds(dev, plan(ranks={1: 4})) < cost.step_seconds(dev, full)  # no backward below layer 1
+    assert cost.step_seconds(dev, plan(batch_size=16)) > cost.step_seconds(dev, full)
+    assert cost.peak_memory_bytes(dev, plan(layers=[1], ranks={1: 4})) < cost.peak_memory_bytes(dev, full)
+    assert cost.peak_memory_bytes(dev, plan(ranks={1: 4})) < cost.peak_memory_bytes(dev, full)
+    assert cost.bytes_up(plan(ranks={0: 2, 1: 2})) < cost.bytes_up(full)
+    assert cost.bytes_up(plan(personal=[1])) < cost.bytes_up(full)
+    slow = exp.devices["jetson-tx2-0"]
+    assert cost.round_seconds(slow, full) > cost.round_seconds(dev, full)
+
+
+def test_bytes_and_footprint_match_the_runtime(tiny_bert, tmp_path, exp):
+    cfg = from_dict(tiny_config(tiny_bert, rounds=1))
+    run_inprocess(cfg, tmp_path, quiet=True)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    p = Plan(ranks={0: 4, 1: 4}, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size)
+    for d in row["devices"]:
+        assert abs(d["bytes_up"] / exp.cost.bytes_up(p) - 1) < 0.02
+        assert abs(d["bytes_down"] / exp.cost.bytes_down(p) - 1) < 0.02
+        predicted = exp.cost.peak_memory_bytes(exp.devices[d["device"]], p) / 2**20
+        assert abs(predicted / d["peak_train_mem_mb"] - 1) < 0.10
