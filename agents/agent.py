@@ -17,8 +17,10 @@ from testbed.plan import HeadState, LoraState, Plan, Report, Update
 
 
 class Agent:
-    def __init__(self, device: str, cfg: ExperimentConfig, bb: Backbone, tokens: Tokens, shard: Shard):
+    def __init__(self, device: str, cfg: ExperimentConfig, bb: Backbone, tokens: Tokens, shard: Shard,
+                 budget_mb: float = 0.0):
         self.device = device
+        self.budget_mb = budget_mb  # training memory budget; exceeding it fails the round (OutOfMemory)
         self.cfg = cfg
         self.bb = bb
         self.tokens = tokens
@@ -30,7 +32,7 @@ class Agent:
         seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
         before = self._validate(plan, lora, head)
         res = train_plan(self.bb, plan, lora, head, self.tokens, self.shard.train,
-                         self.cfg.model.lora, self.cfg.train, seed)
+                         self.cfg.model.lora, self.cfg.train, seed, self.budget_mb)
         after = self._validate(plan, res.lora, res.head)
         shared = set(plan.shared(self.bb.num_layers))
         self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})

@@ -14,6 +14,10 @@ from testbed.model import Backbone, get_head, get_lora, lora_applied, running_la
 from testbed.plan import HeadState, LoraState, Plan
 
 
+class OutOfMemory(Exception):
+    """The plan's training footprint exceeds the device's memory budget, as a real device would hit."""
+
+
 @dataclass
 class TrainResult:
     lora: LoraState  # every layer that carried LoRA, personal ones included
@@ -40,7 +44,8 @@ def batches(indices: list[int], steps: int, batch_size: int, gen: torch.Generato
 
 
 def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, tokens: Tokens,
-               indices: list[int], lora_cfg: LoraConfig, train_cfg: TrainConfig, seed: int) -> TrainResult:
+               indices: list[int], lora_cfg: LoraConfig, train_cfg: TrainConfig, seed: int,
+               budget_mb: float = 0.0) -> TrainResult:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # model dropout
     resident = plan.resident(bb.num_layers)
@@ -57,6 +62,7 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
         opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=train_cfg.weight_decay)
         model.train()
         counter = SavedTensorCounter(model)
+        fixed = training_footprint(model, 0)
         start = time.perf_counter()
         for batch in batches(indices, plan.local_steps, plan.batch_size, gen):
             t0 = time.perf_counter()
@@ -70,9 +76,11 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
                 active_steps[l] += 1
             losses.append(loss.item())
             saved.append(counter.bytes)
+            if budget_mb and (fixed + counter.bytes) / MB > budget_mb:
+                raise OutOfMemory(f"training needs {(fixed + counter.bytes) / MB:.1f} MB, "
+                                  f"the budget is {budget_mb:g} MB")
             times.append(time.perf_counter() - t0)
         compute_s = time.perf_counter() - start
-        fixed = training_footprint(model, 0)
         trained = get_lora(bb, model) if any(ranks.values()) else {}
         result = TrainResult(trained, get_head(bb), active_steps, statistics.fmean(losses),
                              compute_s, statistics.median(times), (fixed + max(saved)) / MB,

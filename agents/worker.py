@@ -9,7 +9,8 @@ from agents.agent import Agent
 from testbed.config import ExperimentConfig
 from testbed.dist import hosts, recv_bytes, send_bytes
 from testbed.experiment import setup
-from testbed.wire import WireError, pack, read_plan, unpack, update_message
+from agents.trainer import OutOfMemory
+from testbed.wire import Message, WireError, pack, read_plan, unpack, update_message
 
 log = logging.getLogger("testbed.agent")
 
@@ -17,7 +18,8 @@ log = logging.getLogger("testbed.agent")
 def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
     exp = setup(cfg)
     mine = [d for d, r in hosts(list(exp.devices), agents).items() if r == rank]
-    local = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d]) for d in mine}
+    local = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d], exp.devices[d].memory_mb)
+             for d in mine}
     log.info("rank %d serves %s", rank, ", ".join(mine) or "no device")
     dtype = getattr(torch, cfg.wire.dtype)
     last_seq = 0
@@ -35,5 +37,10 @@ def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
             continue
         last_seq = msg.seq
         plan, lora, head = read_plan(msg)
-        update = local[msg.device].run(msg.round, plan, lora, head)
+        try:
+            update = local[msg.device].run(msg.round, plan, lora, head)
+        except OutOfMemory as exc:
+            failure = Message("failure", msg.round, msg.device, msg.seq, {"kind": "oom", "detail": str(exc)})
+            send_bytes(pack(failure, key), 0)
+            continue
         send_bytes(pack(update_message(update, msg.seq), key, dtype), 0)

@@ -70,8 +70,10 @@ class DistTransport:
             else:
                 by_rank.setdefault(self.rank_of[device], []).append(device)
         done: dict[str, Update] = {}
-        errors: dict[int, tuple[str, str, str]] = {}  # rank -> (device, kind, detail)
-        threads = [threading.Thread(target=self._serve, args=(round, rank, devs, jobs, done, errors), daemon=True)
+        failed: dict[str, tuple[str, str]] = {}  # device -> (kind, detail) a live agent reported
+        errors: dict[int, tuple[str, str, str]] = {}  # rank -> (device, kind, detail): the rank is lost
+        threads = [threading.Thread(target=self._serve, args=(round, rank, devs, jobs, done, errors, failed),
+                                    daemon=True)
                    for rank, devs in by_rank.items()]
         for t in threads:
             t.start()
@@ -83,6 +85,11 @@ class DistTransport:
                 if device in done:
                     result.updates[device] = done[device]
                     continue
+                if device in failed:
+                    kind, detail = failed[device]
+                    log.warning("round %d: device %s (rank %d): %s: %s", round, device, rank, kind, detail)
+                    result.failures.append(Failure(round, device, kind, detail))
+                    continue
                 kind, detail = "timeout", f"no update within the {self.deadline_s:g} s deadline"
                 if rank in errors:
                     _, kind, detail = errors[rank]
@@ -92,7 +99,7 @@ class DistTransport:
         return result
 
     def _serve(self, round: int, rank: int, devices: list[str], jobs: dict[str, Job],
-               done: dict[str, Update], errors: dict) -> None:
+               done: dict[str, Update], errors: dict, failed: dict) -> None:
         for device in devices:
             job = jobs[device]
             self.seq[rank] += 1
@@ -100,7 +107,11 @@ class DistTransport:
                 sent = send_bytes(pack(plan_message(round, device, self.seq[rank], job.plan, job.lora, job.head),
                                        self.key, self.dtype), rank)
                 buf = recv_bytes(rank)
-                update = read_update(self._check(unpack(buf, self.key), round, device))
+                reply = self._check(unpack(buf, self.key), round, device)
+                if reply.kind == "failure":  # the device could not train this plan; the rank goes on
+                    failed[device] = (str(reply.meta.get("kind", "error")), str(reply.meta.get("detail", "")))
+                    continue
+                update = read_update(reply)
             except WireError as exc:
                 log.warning("round %d: rejected the reply of %s (rank %d): %s", round, device, rank, exc)
                 errors[rank] = (device, "rejected", str(exc))
@@ -114,7 +125,7 @@ class DistTransport:
 
     @staticmethod
     def _check(msg: Message, round: int, device: str) -> Message:
-        if msg.kind != "update" or msg.round != round or msg.device != device:
+        if msg.kind not in ("update", "failure") or msg.round != round or msg.device != device:
             raise WireError(f"expected the update of {device} for round {round}, "
                             f"got {msg.kind} of {msg.device} for round {msg.round}")
         return msg

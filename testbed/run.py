@@ -14,5 +14,6 @@ from testbed.transport import InProcess
 
 def run_inprocess(cfg: ExperimentConfig, out: Path, quiet: bool = False) -> dict:
     exp = setup(cfg)
-    agents = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d]) for d in exp.devices}
+    agents = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d], exp.devices[d].memory_mb)
+              for d in exp.devices}
     return Aggregator(exp, InProcess(agents, getattr(torch, cfg.wire.dtype)), out, quiet).run()

@@ -14,6 +14,7 @@ import secrets
 import torch
 
 from agents.agent import Agent
+from agents.trainer import OutOfMemory
 from testbed.plan import HeadState, LoraState, Plan, Update
 from testbed.wire import pack, plan_message, read_plan, read_update, unpack, update_message
 
@@ -62,7 +63,12 @@ class InProcess:
         for device, job in jobs.items():
             down = pack(plan_message(round, device, round, job.plan, job.lora, job.head), self.key, self.dtype)
             plan, lora, head = read_plan(unpack(down, self.key))
-            up = pack(update_message(self.agents[device].run(round, plan, lora, head), round), self.key, self.dtype)
+            try:
+                trained = self.agents[device].run(round, plan, lora, head)
+            except OutOfMemory as exc:
+                result.failures.append(Failure(round, device, "oom", str(exc)))
+                continue
+            up = pack(update_message(trained, round), self.key, self.dtype)
             update = read_update(unpack(up, self.key))
             update.report.bytes_down = len(down) + 8  # + the length prefix a stream transport adds
             update.report.bytes_up = len(up) + 8

@@ -215,3 +215,13 @@ def test_ranks_in_two_network_namespaces(tiny_bert, tmp_path, two_namespaces):
     assert all(p.returncode == 0 for p in procs), logs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["failures"] == []
+
+
+def test_oom_on_an_agent_is_reported_and_the_rank_keeps_serving(tiny_bert, tmp_path):
+    config = write_config(tmp_path, tiny_config(tiny_bert, devices={"laptop": 1,
+                                                                    "jetson-tx2": {"count": 1, "memory_mb": 1}}))
+    proc = mpirun(config, tmp_path / "out", agents=1)  # one rank serves both devices
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(f["device"], f["kind"]) for f in summary["failures"]] == [("jetson-tx2-0", "oom")] * 2
+    assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in rows(tmp_path / "out"))
