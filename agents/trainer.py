@@ -62,7 +62,8 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
         opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=train_cfg.weight_decay)
         model.train()
         counter = SavedTensorCounter(model)
-        fixed = training_footprint(model, 0)
+        with running_layers(bb, resident):  # pruned layers are not part of the device's model
+            fixed = training_footprint(model, 0)
         start = time.perf_counter()
         for batch in batches(indices, plan.local_steps, plan.batch_size, gen):
             t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """LEGEND, HetLoRA and FlexLoRA against FedLoRA on the methods' study (bench/study.py).
 
 Full: 12 rounds x 8 local steps x batch 16, length 48, 400 test rows, 8 Jetson-class devices,
-Dirichlet 0.5, modelled clock, target accuracy 0.8.  --quick: 3 rounds x 4 steps, length 32,
-target 0.5.  Prints one JSON object on its last line.
+Dirichlet 0.5, modelled clock, target accuracy 0.8.  --quick: 4 rounds x 6 steps, length 32,
+target 0.4.  Prints one JSON object on its last line.
 """
 from __future__ import annotations
 

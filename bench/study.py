@@ -24,8 +24,8 @@ def study_sets(quick: bool) -> list[str]:
         sys.exit(f"the AG News sample is not at {DATA}")
     sets = [f"data.train_file={DATA / 'train.csv'}", f"data.test_file={DATA / 'test.csv'}"]
     if quick:
-        sets += ["rounds=3", "model.max_length=32", "data.max_test=200", "train.local_steps=4",
-                 "target_accuracy=0.5"]
+        sets += ["rounds=4", "model.max_length=32", "data.max_test=200", "train.local_steps=6",
+                 "target_accuracy=0.4"]
     return sets
 
 

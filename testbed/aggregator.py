@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import random
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from testbed.experiment import Experiment
 from testbed.memory import peak_rss_mb
 from testbed.metrics import RunLog, summarise, table
 from testbed.model import get_head, init_lora
+from testbed.probe import LayerProbe, probe_layers
 from testbed.state import GlobalState
 from testbed.strategies import STRATEGIES, Context, Strategy
 from testbed.transport import Job, Transport
@@ -25,9 +28,16 @@ def initial_state(exp: Experiment, max_rank: int) -> GlobalState:
 
 def make_strategy(exp: Experiment) -> Strategy:
     samples = {d: len(s.train) for d, s in exp.data.shards.items()}
-    ctx = Context(exp.cfg, exp.info, exp.devices, samples, exp.cost)
+    ctx = Context(exp.cfg, exp.info, exp.devices, samples, exp.cost, functools.partial(server_probe, exp))
     cls = STRATEGIES[exp.cfg.strategy.name]
     return cls(ctx, initial_state(exp, cls.max_rank(exp.cfg)))
+
+
+def server_probe(exp: Experiment, state: GlobalState, rows: int) -> LayerProbe:
+    """Probe the global model on a proxy batch: a fixed, seeded sample of the training rows
+    (standing in for the public data a real server would hold)."""
+    idx = random.Random(exp.cfg.seed).sample(range(len(exp.data.train)), min(rows, len(exp.data.train)))
+    return probe_layers(exp.bb, state.lora, state.head, exp.data.train.take(sorted(idx)), exp.cfg.model.lora)
 
 
 class Aggregator:

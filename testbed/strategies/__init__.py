@@ -2,9 +2,10 @@
 from testbed.strategies.base import Context, Strategy
 from testbed.strategies.droppeft import DropPEFT
 from testbed.strategies.fedlora import FedLoRA
+from testbed.strategies.fedpruner import FedPruner
 from testbed.strategies.hetlora import FlexLoRA, HetLoRA
 from testbed.strategies.legend import Legend
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA, HetLoRA, FlexLoRA, Legend, DropPEFT]}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA, HetLoRA, FlexLoRA, Legend, DropPEFT, FedPruner]}
 
 __all__ = ["STRATEGIES", "Context", "Strategy"]

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from testbed.config import ExperimentConfig, StrategyConfig
 from testbed.costmodel import CostModel
 from testbed.devices import Device
 from testbed.model import ModelInfo
 from testbed.plan import Plan, Report, Update
+from testbed.probe import LayerProbe
 from testbed.state import GlobalState
 
 
@@ -21,6 +23,7 @@ class Context:
     devices: dict[str, Device]
     samples: dict[str, int]  # training rows per device
     cost: CostModel
+    probe: Callable[[GlobalState, int], LayerProbe]  # the server's look at the global model (a proxy batch)
 
 
 class Strategy:
