@@ -91,6 +91,8 @@ def _for_wire(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def unpack(buf: bytes | bytearray | memoryview, key: bytes) -> Message:
     view = memoryview(buf).cast("B")
+    if view.readonly:  # tensors alias the buffer, so they need one they may own
+        view = memoryview(bytearray(view))
     if len(view) < PREFIX.size:
         raise WireError(f"truncated: {len(view)} bytes, shorter than the {PREFIX.size}-byte prefix")
     magic, hlen, plen, digest = PREFIX.unpack_from(view)
