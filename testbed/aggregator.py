@@ -40,6 +40,9 @@ def server_probe(exp: Experiment, state: GlobalState, rows: int) -> LayerProbe:
     return probe_layers(exp.bb, state.lora, state.head, exp.data.train.take(sorted(idx)), exp.cfg.model.lora)
 
 
+SPEED_EMA = 0.5  # weight of the previous estimate in the moving average of device speeds
+
+
 class Aggregator:
     def __init__(self, exp: Experiment, transport: Transport, out: Path, quiet: bool = False):
         self.exp = exp
@@ -84,6 +87,8 @@ class Aggregator:
         metrics = self.evaluate(r)
         eval_wall = time.perf_counter() - evaluated
         strategy.observe(r, {u.device: u.report for u in updates}, metrics)
+        if self.cfg.clock == "wall":
+            self.refresh_speeds(plans, updates)
         per_device = [self.device_record(plans[u.device], u) for u in updates]
         self.clock_s += self.round_clock(per_device, time.perf_counter() - start)
         self.wall_s += time.perf_counter() - start
@@ -99,6 +104,16 @@ class Aggregator:
         self.log.checkpoint({"round": r, "lora": state.lora, "head": state.head,
                              "strategy": strategy.state_dict(), "clock_s": self.clock_s})
         return row
+
+    def refresh_speeds(self, plans: dict, updates: list) -> None:
+        """Online profile refresh: each device's speed (relative to the reference profile) follows
+        its measured step times, as a moving average, so strategies plan with recent figures.
+        Only on the wall clock: the modelled clock's inputs must not depend on measurements."""
+        for u in updates:
+            device = self.exp.devices[u.device]
+            predicted = self.exp.cost.step_seconds(device, plans[u.device]) * device.speed  # at speed 1
+            if u.report.step_s > 0:
+                device.speed = SPEED_EMA * device.speed + (1 - SPEED_EMA) * predicted / u.report.step_s
 
     def evaluate(self, r: int) -> dict:
         if (r + 1) % self.cfg.eval_every and r + 1 != self.cfg.rounds:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import subprocess
 import sys
 import time
@@ -37,6 +39,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--agents", type=int, default=0, metavar="N",
                      help="agent ranks for --launcher mpi (default: one per device)")
     run.set_defaults(func=cmd_run)
+    prof = sub.add_parser("profile", help="measure this device: per-layer seconds and memory for a model")
+    prof.add_argument("--model", default="minilm", help="model name or path (default: minilm)")
+    prof.add_argument("--seq-len", type=int, default=64)
+    prof.add_argument("--batch", type=int, default=16)
+    prof.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
+    prof.add_argument("--ranks", default="2,8,16", help="LoRA ranks to time, comma-separated")
+    prof.add_argument("--out", help="write the profile here (.yaml or .json); default: print it")
+    prof.set_defaults(func=cmd_profile)
     return p
 
 
@@ -59,3 +69,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from testbed.config import LoraConfig, ModelConfig
+    from testbed.model import load_backbone, model_info
+    from testbed.profiler import profile_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(","))
+    except ValueError:
+        raise TestbedError(f"--ranks: expected comma-separated integers, got {args.ranks!r}") from None
+    lora = LoraConfig(rank=max(ranks), alpha=2.0 * max(ranks))
+    bb = load_backbone(ModelConfig(name=args.model, max_length=args.seq_len, lora=lora), 4, seed=0)
+    start = time.perf_counter()
+    profile = profile_device(bb, args.model, model_info(bb), lora, args.batch, args.seq_len, ranks)
+    print(f"testbed: profiled {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if args.out:
+        profile.save(Path(args.out))
+        print(f"testbed: wrote {args.out}", file=sys.stderr)
+    else:
+        print(json.dumps(dataclasses.asdict(profile), indent=1))
+    return 0

@@ -40,6 +40,8 @@ class ModelConfig:
     name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
     max_length: int = option(64, lo=4, hi=8192)
     threads: int = option(2, lo=0, doc="torch threads per process; 0 leaves torch's default")
+    profile: str = option("", doc="DeviceProfile the device classes' speeds are relative to; "
+                                  "default: the one shipped for the model, else FLOP counts")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

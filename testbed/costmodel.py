@@ -8,9 +8,11 @@ Strategies reason about devices only through this.
   or above the lowest LoRA layer (below it nothing is saved).  Saved bytes per token are
   counted once per run on the real model (`measure_activations`), so the figure is exact for
   the run's sequence length; memory is the worst case over dropout (every layer runs).
-- Time: FLOPs per token (forward about 2 x parameters plus attention; backward through a
-  layer about as much again, only at or above the lowest LoRA layer), in expectation over
-  dropout, divided by the device's throughput (the reference's times its speed factor).
+- Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
+  FLOPs where no profile fits the model): forward of every layer that runs (with LoRA at the
+  plan's rank, or frozen), backward only at or above the lowest LoRA layer, each weighted by
+  the probability the layer runs, scaled linearly in tokens per step and divided by the
+  device's speed factor relative to the profiled device.
 """
 from __future__ import annotations
 
@@ -22,10 +24,23 @@ from testbed.devices import Device
 from testbed.memory import Activations
 from testbed.model import ModelInfo
 from testbed.plan import HeadState, LoraState, Plan, Update
+from testbed.profiler import DeviceProfile
 from testbed.wire import packed_size, plan_message, update_message
 
 FLOAT_BYTES = 4
 REFERENCE_GFLOPS = 106.0  # MiniLM training on the reference (2 threads): 44.7 GFLOP per 0.42 s step
+
+
+def at_rank(by_rank: dict[int, list[float]], rank: int, layer: int) -> float:
+    """A layer's measured seconds at `rank`, interpolated linearly between measured ranks."""
+    ranks = sorted(by_rank)
+    if rank <= ranks[0] or len(ranks) == 1:
+        return by_rank[ranks[0]][layer]
+    for lo, hi in zip(ranks, ranks[1:]):
+        if rank <= hi:
+            w = (rank - lo) / (hi - lo)
+            return (1 - w) * by_rank[lo][layer] + w * by_rank[hi][layer]
+    return by_rank[ranks[-1]][layer]
 LENGTH_PREFIX = 8  # what a stream transport adds in front of each message
 
 
@@ -35,22 +50,20 @@ class CostModel:
     seq_len: int
     activations: Activations
     head_shapes: dict[str, tuple[int, ...]]
+    profile: DeviceProfile
     wire_dtype: torch.dtype = torch.float32
-    reference_gflops: float = REFERENCE_GFLOPS
-
-    def layer_flops_per_token(self) -> float:
-        hidden = max(i for _, i in self.info.shapes.values())
-        return 2 * self.info.layer_params + 4 * self.seq_len * hidden
 
     def step_seconds(self, device: Device, plan: Plan) -> float:
-        n = self.info.num_layers
-        keep = {l: 1 - plan.drop.get(l, 0.0) for l in plan.resident(n)}
+        p, n = self.profile, self.info.num_layers
         lowest = min(plan.trained(n), default=n)
-        fwd = sum(keep.values())
-        bwd = sum(k for l, k in keep.items() if l >= lowest)
-        flops = plan.batch_size * self.seq_len * (
-            self.layer_flops_per_token() * (fwd + bwd) + 2 * self.info.other_params / self.seq_len)
-        return flops / (self.reference_gflops * 1e9 * device.speed)
+        seconds = p.embed_s + p.head_s
+        for layer in plan.resident(n):
+            rank = plan.ranks.get(layer, 0)
+            forward = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
+            backward = at_rank(p.backward_s, max(rank, 1), layer) if layer >= lowest else 0.0
+            seconds += (1 - plan.drop.get(layer, 0.0)) * (forward + backward)
+        tokens = plan.batch_size * self.seq_len / (p.batch_size * p.seq_len)
+        return seconds * tokens / device.speed
 
     def lora_params(self, plan: Plan, layers: list[int]) -> int:
         per_rank = sum(o + i for o, i in self.info.shapes.values())

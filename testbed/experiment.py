@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from testbed.config import ExperimentConfig
-from testbed.costmodel import CostModel
+from testbed.config import ExperimentConfig, ModelConfig
+from testbed.costmodel import REFERENCE_GFLOPS, CostModel
 from testbed.data import Dataset, load_splits, partition, tokenize
 from testbed.devices import Device, devices_from_config
 from testbed.memory import measure_activations
 from testbed.model import Backbone, ModelInfo, load_backbone, model_info
+from testbed.profiler import DeviceProfile, analytic_profile, load_profile
 
 
 @dataclass
@@ -21,6 +23,20 @@ class Experiment:
     data: Dataset
     devices: dict[str, Device]
     cost: CostModel
+
+
+PROFILES = Path(__file__).resolve().parent.parent / "inventory" / "profiles"
+
+
+def reference_profile(cfg: ModelConfig, info: ModelInfo) -> DeviceProfile:
+    """The profile device speeds are relative to: `model.profile`, else the one shipped for this
+    model, else one derived from FLOP counts."""
+    if cfg.profile:
+        return load_profile(Path(cfg.profile), info)
+    shipped = PROFILES / f"{cfg.name}-reference.yaml"
+    if shipped.is_file():
+        return load_profile(shipped, info)
+    return analytic_profile(info, cfg.name, cfg.max_length, REFERENCE_GFLOPS)
 
 
 def setup(cfg: ExperimentConfig) -> Experiment:
@@ -36,5 +52,6 @@ def setup(cfg: ExperimentConfig) -> Experiment:
     info = model_info(bb)
     activations = measure_activations(bb, cfg.model.lora, cfg.model.max_length)
     head_shapes = {n: tuple(p.shape) for n, p in bb.head_params().items()}
-    cost = CostModel(info, cfg.model.max_length, activations, head_shapes, getattr(torch, cfg.wire.dtype))
+    profile = reference_profile(cfg.model, info)
+    cost = CostModel(info, cfg.model.max_length, activations, head_shapes, profile, getattr(torch, cfg.wire.dtype))
     return Experiment(cfg, bb, info, data, devices, cost)

@@ -1,0 +1,57 @@
+"""The profiler on a tiny model, profile files and their errors, and profile-driven costs."""
+import json
+
+import pytest
+
+from testbed.config import LoraConfig
+from testbed.costmodel import at_rank
+from testbed.errors import TestbedError
+from testbed.model import model_info
+from testbed.profiler import load_profile, profile_device
+from tests.test_model import build
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    bb, _ = build("bert")
+    info = model_info(bb)
+    return bb, info, profile_device(bb, "tiny-bert", info, LoraConfig(rank=4, alpha=8), batch_size=4, seq_len=16,
+                                    ranks=(2, 4), repeats=2)
+
+
+def test_profile_measures_every_layer(profiled):
+    bb, info, p = profiled
+    assert p.num_layers == 3 and sorted(p.forward_lora_s) == [2, 4] and sorted(p.backward_s) == [2, 4]
+    for series in (p.forward_frozen_s, p.forward_lora_s[2], p.backward_s[4]):
+        assert len(series) == 3 and all(t > 0 for t in series)
+    assert all(b > 0 for b in p.saved_bytes_per_token)
+    assert p.resident_bytes == [sum(x.numel() * 4 for x in layer.parameters()) for layer in bb.layers]
+    assert p.lora_bytes_per_rank == 2 * (32 + 32) * 4 and p.optimizer_bytes_per_rank == 2 * p.lora_bytes_per_rank
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_profile_round_trips(profiled, tmp_path, suffix):
+    _, info, p = profiled
+    p.save(tmp_path / f"p{suffix}")
+    assert load_profile(tmp_path / f"p{suffix}", info) == p
+
+
+def test_bad_profiles_name_the_file(profiled, tmp_path):
+    _, info, p = profiled
+    corrupt = tmp_path / "corrupt.yaml"
+    corrupt.write_text("model: [unclosed\n")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"name": "not a profile"}))
+    other = tmp_path / "other.yaml"
+    p.save(other)
+    other.write_text(other.read_text().replace(p.fingerprint, "0" * 16))
+    for path, words in ((corrupt, "not a readable device profile"), (foreign, "missing"),
+                        (other, "not of this run's model"), (tmp_path / "absent.yaml", "not found")):
+        with pytest.raises(TestbedError, match=words) as err:
+            load_profile(path, info)
+        assert str(path) in str(err.value)
+
+
+def test_rank_interpolation():
+    by_rank = {2: [1.0], 8: [4.0]}
+    assert [at_rank(by_rank, r, 0) for r in (1, 2, 4, 8, 16)] == [1.0, 1.0, 2.0, 4.0, 4.0]
