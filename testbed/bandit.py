@@ -26,7 +26,7 @@ class Bandit:
     def select(self, rng: random.Random, allowed: list[int]) -> int:
         untried = [a for a in allowed if self.counts[a] == 0]
         if untried:
-            return untried[0]
+            return rng.choice(untried)  # in random order, so that devices try different arms at once
         if self.policy == "epsilon":
             return rng.choice(allowed) if rng.random() < self.epsilon else max(allowed, key=self.mean)
         if self.policy == "thompson":

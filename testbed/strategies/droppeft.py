@@ -32,6 +32,9 @@ class DropPEFTOptions(StrategyConfig):
     epsilon: float = option(0.1, lo=0, hi=1)
     bandit_per: str = option("device", choices=("device", "class"))
     reward: str = option("accuracy", choices=("accuracy", "loss"))
+    reward_baseline: str = option("round_mean", choices=("round_mean", "none"),
+                                  doc="subtract the round's mean reward across devices: early rounds gain "
+                                      "more whatever the arm, and would otherwise decide the bandit")
     personal_k: int = option(1, lo=0, doc="layers whose LoRA stays on the devices (PTLS); 0 = none")
     personal_by: str = option("top", choices=("top", "drift"))
     drift_rounds: int = option(1, lo=1, doc="rounds with every layer shared before drift picks the personal ones")
@@ -44,7 +47,12 @@ class DropPEFT(Strategy):
     def __init__(self, ctx, state):
         super().__init__(ctx, state)
         n = ctx.model.num_layers
-        self.arms = [self.arm(shape, p, n) for shape in self.opts.shapes for p in self.opts.maxima]
+        self.arms = []
+        for shape in self.opts.shapes:
+            for p in self.opts.maxima:
+                arm = self.arm(shape, p, n)
+                if arm not in self.arms:  # e.g. uniform 0 and rising 0 are the same arm
+                    self.arms.append(arm)
         self.bandits: dict[str, Bandit] = {}
         self.chosen: dict[str, int] = {}
         self.plans: dict[str, Plan] = {}
@@ -97,6 +105,7 @@ class DropPEFT(Strategy):
                 self.drift[layer] += float(sum(torch.linalg.norm(p - mean) for p in products) / len(products))
 
     def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
+        rewards = {}
         for device, report in reports.items():
             if device not in self.plans:
                 continue
@@ -104,7 +113,10 @@ class DropPEFT(Strategy):
                        if self.ctx.cfg.clock == "modelled" else report.compute_s)
             gain = (report.val_accuracy - report.val_accuracy_before if self.opts.reward == "accuracy"
                     else report.val_loss_before - report.val_loss)
-            self.bandits[self.bandit_key(device)].update(self.chosen[device], gain / max(seconds, 1e-9))
+            rewards[device] = gain / max(seconds, 1e-9)
+        baseline = sum(rewards.values()) / len(rewards) if rewards and self.opts.reward_baseline == "round_mean" else 0
+        for device, reward in rewards.items():
+            self.bandits[self.bandit_key(device)].update(self.chosen[device], reward - baseline)
 
     def state_dict(self) -> dict:
         return {"bandits": {k: vars(b) for k, b in self.bandits.items()}, "personal": self.personal,
