@@ -67,9 +67,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def cmd_profile(args: argparse.Namespace) -> int:
     import torch
@@ -95,3 +92,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(dataclasses.asdict(profile), indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,7 @@
-"""CI-sized versions of the methods' study on real MiniLM: each method against FedLoRA.
+"""CI-sized versions of the methods' study on real MiniLM.
 
 AG News sample, 4 devices of three Jetson classes, Dirichlet(0.5), length 32, 5 rounds x 6
-steps, modelled clock.  The target is 90 % of FedLoRA's best accuracy in the same setting,
-so "faster to target" compares the methods at an accuracy FedLoRA itself reaches.
+steps, modelled clock.
 """
 import json
 
@@ -34,27 +33,11 @@ def study(tmp_path_factory):
         rows = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines()]
         return summary, rows
 
-    base, rows = run("fedlora")
-    return run, 0.9 * base["best_accuracy"], rows, sets
-
-
-def time_to(rows: list[dict], target: float) -> float | None:
-    return next((r["clock_s"] for r in rows if r["accuracy"] is not None and r["accuracy"] >= target), None)
-
-
-@pytest.mark.parametrize("name, options", [("droppeft", ["strategy.personal_k=0"]), ("legend", [])])
-def test_method_reaches_fedloras_target_sooner(study, name, options):
-    """Global accuracy: DropPEFT without personal layers (they never reach the global model)."""
-    run, target, base_rows, _ = study
-    summary, rows = run(name, *options)
-    assert summary["final_accuracy"] > 0.4  # learned (chance is 0.25)
-    mine, base = time_to(rows, target), time_to(base_rows, target)
-    assert base is not None and mine is not None, (target, [r["accuracy"] for r in rows])
-    assert mine < base, (name, mine, base)
+    return run, sets
 
 
 def test_fedpruner_prunes_small_devices_and_converges(study):
-    run, _, _, sets = study
+    run, sets = study
     cfg = load_config(ROOT / "examples" / "agnews-jetsons.yaml", [*sets, "strategy.name=fedpruner"])
     exp = setup(cfg)
     half = exp.cost.peak_memory_bytes(exp.devices["jetson-tx2-0"], Plan(ranks={l: 8 for l in range(3, 6)},
