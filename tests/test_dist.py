@@ -84,19 +84,20 @@ def agent_pids(rank: int) -> list[int]:
 
 
 def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
-    raw = tiny_config(tiny_bert, rounds=4, devices={"laptop": 3}, **{"train.local_steps": 30, "dist.deadline_s": 120})
+    raw = tiny_config(tiny_bert, rounds=4, devices={"laptop": 3}, **{"train.local_steps": 400, "dist.deadline_s": 120})
     config = write_config(tmp_path, raw)
     out = tmp_path / "out"
     cmd = mpirun_command(str(config), [], out, 3)
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
+        while not (victims := agent_pids(2)):
+            assert time.monotonic() < deadline and proc.poll() is None, "agent rank 2 never started"
+            time.sleep(0.1)
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
             assert time.monotonic() < deadline and proc.poll() is None, "round 0 never finished"
-            time.sleep(0.2)
-        time.sleep(0.5)  # now inside round 1
-        victims = agent_pids(2)
-        assert victims, "agent rank 2 not found"
+            time.sleep(0.1)
+        time.sleep(0.2)  # now inside round 1 (a round takes about a second)
         killed_at = time.monotonic()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
