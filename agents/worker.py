@@ -7,6 +7,7 @@ import torch
 
 from agents.agent import Agent
 from testbed.config import ExperimentConfig
+from testbed.errors import TestbedError
 from testbed.dist import hosts, recv_bytes, send_bytes
 from testbed.experiment import setup
 from agents.trainer import OutOfMemory
@@ -26,6 +27,8 @@ def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
     while True:
         try:
             msg = unpack(recv_bytes(0), key)
+        except RuntimeError as exc:  # gloo: the aggregator's connection closed
+            raise TestbedError(f"rank {rank}: lost the aggregator (rank 0): {str(exc).splitlines()[0]}") from None
         except WireError as exc:
             log.error("rank %d: dropped a message from the aggregator: %s", rank, exc)
             continue

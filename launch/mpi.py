@@ -17,6 +17,7 @@ import secrets
 import socket
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -126,7 +127,11 @@ def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argpars
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except BaseException:  # a bug must still end the process, or its peers wait on it forever
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip MPI/gloo teardown, which can hang on a peer that died

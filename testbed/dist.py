@@ -25,7 +25,7 @@ log = logging.getLogger("testbed.dist")
 MAX_MESSAGE = 1 << 31  # bytes; anything longer is refused before allocating it
 
 
-def send_bytes(buf: bytearray, dst: int) -> int:
+def send_bytes(buf: memoryview, dst: int) -> int:
     dist.send(torch.tensor([len(buf)], dtype=torch.int64), dst)
     dist.send(torch.frombuffer(buf, dtype=torch.uint8), dst)
     return len(buf) + 8

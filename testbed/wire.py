@@ -44,18 +44,24 @@ class Message:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def pack(msg: Message, key: bytes, dtype: torch.dtype | None = None) -> bytearray:
+def pack(msg: Message, key: bytes, dtype: torch.dtype | None = None) -> memoryview:
     tensors = [_for_wire(t, dtype) for t in msg.tensors.values()]
     index, header, size = _layout(msg, tensors)
     start = PREFIX.size + len(header)
-    buf = bytearray(start + size)
+    # Uninitialised, unlike bytearray(n): zeroing first would touch every page twice.
+    out = torch.empty(start + size, dtype=torch.uint8)
+    buf = memoryview(out.numpy()).cast("B")
     buf[PREFIX.size:start] = header
+    pieces, end = [], 0
     for (_, _, _, offset, nbytes), t in zip(index, tensors):
-        if nbytes:
-            dst = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start + offset)
-            dst.copy_(t.reshape(-1).view(torch.uint8))
+        if offset > end:  # alignment padding: zeros, so that the digest covers no stale bytes
+            pieces.append(torch.zeros(offset - end, dtype=torch.uint8))
+        pieces.append(t.reshape(-1).view(torch.uint8))
+        end = offset + nbytes
+    if pieces:
+        torch.cat(pieces, out=out[start:])  # one copy for all tensors: per-tensor calls dominate small messages
     mac = hmac.new(key, header, hashlib.sha256)
-    mac.update(memoryview(buf)[start:])
+    mac.update(buf[start:])
     PREFIX.pack_into(buf, 0, MAGIC, len(header), size, mac.digest())
     return buf
 

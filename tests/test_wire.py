@@ -55,6 +55,18 @@ def test_half_precision_transfer(dtype):
     assert back.report == u.report  # measurements stay exact (float64)
 
 
+def test_messages_without_tensors_and_with_padding_round_trip():
+    """A control message has no payload; odd-sized tensors need alignment padding, which is zeroed."""
+    bye = unpack(pack(Message("bye", -1, "", 0, {}, {}), KEY), KEY)
+    assert (bye.kind, bye.tensors) == ("bye", {})
+    tensors = {"a": torch.arange(3, dtype=torch.float16), "b": torch.arange(5.0), "c": torch.empty(0)}
+    buf = pack(Message("update", 1, "d", 1, {}, tensors), KEY)
+    back = unpack(buf, KEY)
+    assert all(torch.equal(back.tensors[k], v) for k, v in tensors.items())
+    payload = bytes(buf[-32:])  # a: 6 bytes at 0, b: 20 bytes at 8, c: none at 32
+    assert payload[6:8] == b"\0" * 2 and payload[28:] == b"\0" * 4
+
+
 def test_packed_size_matches_pack():
     u = minilm_update()
     msg = update_message(u, 1)
