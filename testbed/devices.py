@@ -1,10 +1,15 @@
-"""Device classes: compute speed, memory budget and link bandwidth relative to a reference.
+"""Device classes: compute speed, memory budget and link relative to a measured reference.
 
-The reference is the machine the default profile was measured on (a 2-core x86-64
-server CPU).  Speeds of the edge classes are ratios of published peak throughput,
-scaled to the reference; a lab replaces them with `testbed profile` measurements of
-its own devices.  Memory is the budget left to the training process, not the board's
-total (the OS, the CUDA context and other tenants take the rest).
+The reference is the machine the shipped profile was measured on
+(inventory/profiles/minilm-reference.yaml: 2 vCPUs of an AMD EPYC server), where MiniLM
+LoRA training runs at about 106 GFLOP/s (REFERENCE_GFLOPS in testbed/costmodel.py).
+
+The edge classes are *derived*, not measured: speed = published FP32 peak of the board's GPU
+x an assumed 30 % utilisation for small-batch LoRA training / 106 GFLOP/s.  Memory is the
+budget left to the training process after the OS, the CUDA context and other tenants on the
+board's shared DRAM (an assumption), and links are typical edge Wi-Fi figures (assumptions).
+A lab replaces all of these with `testbed profile` measurements of its own boards; agents
+measure their link when they join.
 """
 from __future__ import annotations
 
@@ -24,22 +29,23 @@ class DeviceClass:
 
 
 CLASSES = {c.name: c for c in [
-    # This machine kind: 2 cores of an x86-64 server CPU, AVX2 (measured, see bench/costmodel.py).
+    # The reference itself (measured): 2 vCPUs, AVX-512, 2 torch threads.
     DeviceClass("reference", 1.0, 4096, 1000, 0.2),
-    # Laptop class: 4-core mobile x86 CPU, about 2x the reference's 2 cores in FP32 GEMM.
+    # A laptop: 4 cores of a mobile x86 CPU with AVX2, about twice the reference's cores at a
+    # similar per-core vector width (assumed 2x).
     DeviceClass("laptop", 2.0, 4096, 200, 5.0),
-    # Jetson TX2: 256-core Pascal GPU, 1.33 TFLOPS FP16 peak, 8 GB shared LPDDR4
-    # (NVIDIA Jetson TX2 module data sheet).  About 2x the reference in practice.
-    DeviceClass("jetson-tx2", 2.0, 1536, 20, 20.0),
-    # Jetson Orin Nano 8GB: 1024-core Ampere GPU, 40 TOPS (sparse INT8), ~10 TFLOPS FP16
-    # (Jetson Orin Nano series data sheet).
-    DeviceClass("orin-nano", 5.0, 3072, 50, 10.0),
-    # Jetson Xavier NX: 384-core Volta GPU + 48 tensor cores, 21 TOPS INT8, ~6 TFLOPS FP16
-    # (Jetson Xavier NX data sheet).
-    DeviceClass("xavier-nx", 4.0, 3072, 50, 10.0),
-    # Jetson AGX Orin 32GB: 1792-core Ampere GPU, 200 TOPS (sparse INT8), ~27 TFLOPS FP16
-    # (Jetson AGX Orin series data sheet).
-    DeviceClass("agx-orin", 14.0, 12288, 200, 5.0),
+    # Jetson TX2: 256 Pascal CUDA cores x 2 FLOP x 1.30 GHz = 0.67 TFLOPS FP32; 8 GB LPDDR4
+    # shared with the CPU (NVIDIA Jetson TX2 module data sheet).  0.67e3 x 0.3 / 106 = 1.9.
+    DeviceClass("jetson-tx2", 1.9, 1536, 20, 20.0),
+    # Jetson Orin Nano 8GB: 1024 Ampere CUDA cores x 2 x 0.625 GHz = 1.28 TFLOPS FP32; 8 GB
+    # LPDDR5 shared (Jetson Orin Nano series data sheet).  1.28e3 x 0.3 / 106 = 3.6.
+    DeviceClass("orin-nano", 3.6, 3072, 50, 10.0),
+    # Jetson Xavier NX: 384 Volta CUDA cores x 2 x 1.1 GHz = 0.85 TFLOPS FP32; 8 GB LPDDR4x
+    # shared (Jetson Xavier NX data sheet).  0.85e3 x 0.3 / 106 = 2.4.
+    DeviceClass("xavier-nx", 2.4, 3072, 50, 10.0),
+    # Jetson AGX Orin 32GB: 1792 Ampere CUDA cores x 2 x 0.93 GHz = 3.33 TFLOPS FP32; 32 GB
+    # LPDDR5 shared (Jetson AGX Orin series data sheet).  3.33e3 x 0.3 / 106 = 9.4.
+    DeviceClass("agx-orin", 9.4, 12288, 200, 5.0),
 ]}
 
 

@@ -12,7 +12,7 @@ from testbed.data import Dataset, load_splits, partition, tokenize
 from testbed.devices import Device, devices_from_config
 from testbed.memory import measure_activations
 from testbed.model import Backbone, ModelInfo, load_backbone, model_info
-from testbed.profiler import DeviceProfile, analytic_profile, load_profile
+from testbed.profiler import DeviceProfile, analytic_profile, fingerprint, load_profile
 
 
 @dataclass
@@ -30,12 +30,12 @@ PROFILES = Path(__file__).resolve().parent.parent / "inventory" / "profiles"
 
 def reference_profile(cfg: ModelConfig, info: ModelInfo) -> DeviceProfile:
     """The profile device speeds are relative to: `model.profile`, else the one shipped for this
-    model, else one derived from FLOP counts."""
+    model (if it was measured with the same LoRA targets), else one derived from FLOP counts."""
     if cfg.profile:
         return load_profile(Path(cfg.profile), info)
     shipped = PROFILES / f"{cfg.name}-reference.yaml"
-    if shipped.is_file():
-        return load_profile(shipped, info)
+    if shipped.is_file() and (profile := load_profile(shipped)).fingerprint == fingerprint(info):
+        return profile
     return analytic_profile(info, cfg.name, cfg.max_length, REFERENCE_GFLOPS)
 
 

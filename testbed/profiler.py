@@ -90,7 +90,7 @@ def load_profile(path: Path, info: ModelInfo | None = None) -> DeviceProfile:
 
 
 def profile_device(bb: Backbone, name: str, info: ModelInfo, lora_cfg: LoraConfig, batch_size: int = 16,
-                   seq_len: int = 64, ranks: tuple[int, ...] = (2, 8, 16), repeats: int = 3) -> DeviceProfile:
+                   seq_len: int = 64, ranks: tuple[int, ...] = (2, 8, 16), repeats: int = 5) -> DeviceProfile:
     """Time and count a training step of this backbone on this device."""
     n = bb.num_layers
     g = torch.Generator().manual_seed(0)

@@ -55,3 +55,17 @@ def test_bad_profiles_name_the_file(profiled, tmp_path):
 def test_rank_interpolation():
     by_rank = {2: [1.0], 8: [4.0]}
     assert [at_rank(by_rank, r, 0) for r in (1, 2, 4, 8, 16)] == [1.0, 1.0, 2.0, 4.0, 4.0]
+
+
+@pytest.mark.model
+def test_shipped_minilm_profile_is_used_only_where_it_fits():
+    from testbed.config import ModelConfig
+    from testbed.experiment import reference_profile
+    from testbed.model import load_backbone
+
+    cfg = ModelConfig(name="minilm")
+    info = model_info(load_backbone(cfg, 4, seed=0))
+    shipped = reference_profile(cfg, info)
+    assert shipped.source == "measured" and shipped.num_layers == 6 and shipped.threads == 2
+    other = ModelConfig(name="minilm", lora=LoraConfig(targets=["query", "key", "value"]))
+    assert reference_profile(other, model_info(load_backbone(other, 4, seed=0))).source == "analytic"
