@@ -11,7 +11,7 @@ from agents.trainer import train_plan
 from testbed.config import ExperimentConfig
 from testbed.data import Shard, Tokens
 from testbed.evaluate import evaluate
-from testbed.memory import peak_rss_mb
+from testbed.memory import peak_cuda_mb, peak_rss_mb
 from testbed.model import Backbone, init_lora, model_info
 from testbed.plan import HeadState, LoraState, Plan, Report, Update
 
@@ -37,7 +37,7 @@ class Agent:
         shared = set(plan.shared(self.bb.num_layers))
         self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
         report = Report(compute_s=res.compute_s, step_s=res.step_s,
-                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(),
+                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda_mb(),
                         val_accuracy_before=before["accuracy"], val_accuracy=after["accuracy"],
                         val_loss_before=before["loss"], val_loss=after["loss"])
         return Update(device=self.device, round=round,

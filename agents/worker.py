@@ -1,16 +1,19 @@
 """An agent process: serves its devices' plans from rank 0 until told to stop."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 import torch
 
 from agents.agent import Agent
-from testbed.config import ExperimentConfig
-from testbed.errors import TestbedError
-from testbed.dist import hosts, recv_bytes, send_bytes
-from testbed.experiment import setup
 from agents.trainer import OutOfMemory
+from testbed.config import ExperimentConfig
+from testbed.dist import PROBES, hosts, recv_bytes, send_bytes
+from testbed.errors import TestbedError
+from testbed.experiment import Experiment, setup
+from testbed.profiler import profile_device
 from testbed.wire import Message, WireError, pack, read_plan, unpack, update_message
 
 log = logging.getLogger("testbed.agent")
@@ -22,6 +25,7 @@ def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
     local = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d], exp.devices[d].memory_mb)
              for d in mine}
     log.info("rank %d serves %s", rank, ", ".join(mine) or "no device")
+    join(cfg, exp, key)
     dtype = getattr(torch, cfg.wire.dtype)
     last_seq = 0
     while True:
@@ -47,3 +51,17 @@ def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
             send_bytes(pack(failure, key), 0)
             continue
         send_bytes(pack(update_message(update, msg.seq), key, dtype), 0)
+
+
+def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
+    """Hello with this device's profile, then echo rank 0's link probes."""
+    profile = None
+    if cfg.dist.profile:
+        start = time.perf_counter()
+        profile = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, cfg.train.batch_size,
+                                 cfg.model.max_length)
+        log.info("profiled this device in %.1f s", time.perf_counter() - start)
+    hello = Message("hello", -1, "", 0, {"profile": None if profile is None else dataclasses.asdict(profile)})
+    send_bytes(pack(hello, key), 0)
+    for _ in PROBES:
+        send_bytes(recv_bytes(0), 0)

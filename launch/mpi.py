@@ -24,8 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from testbed.aggregator import Aggregator
 from testbed.config import ExperimentConfig, load_config
+from testbed.dist import DistTransport, Joined
 from testbed.errors import TestbedError
+from testbed.experiment import Experiment, setup
+
+log = logging.getLogger("testbed.launch")
 
 
 def world() -> tuple[int, int, str]:
@@ -113,17 +118,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argparse.Namespace) -> None:
-    from testbed.aggregator import Aggregator
-    from testbed.dist import DistTransport
-    from testbed.experiment import setup
-
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = setup(cfg)
     transport = DistTransport(list(exp.devices), agents, key, getattr(torch, cfg.wire.dtype), cfg.dist.deadline_s)
     try:
+        use_measured(exp, transport.join(exp.info), out / "profiles")
         Aggregator(exp, transport, out).run()
     finally:
         transport.close()
+
+
+def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> None:
+    """Keep each agent's profile with the run; on the wall clock, plan with its measured speed
+    and link (the modelled clock keeps the configured device classes: it simulates them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank, j in joined.items():
+        if j.profile is not None:
+            j.profile.save(folder / f"rank-{rank}.yaml")
+        speed = exp.cost.profile.seconds_per_token() / j.profile.seconds_per_token() if j.profile else 0.0
+        log.info("rank %d (%s): %s link %.0f Mbit/s, %.2f ms", rank, ", ".join(j.devices) or "no device",
+                 f"{speed:.2f}x the reference," if speed else "not profiled,", j.bandwidth_mbit, j.latency_ms)
+        if exp.cfg.clock != "wall":
+            continue
+        for name in j.devices:
+            device = exp.devices[name]
+            device.speed = speed or device.speed
+            device.bandwidth_mbit, device.latency_ms = j.bandwidth_mbit, j.latency_ms
 
 
 if __name__ == "__main__":

@@ -128,15 +128,18 @@ class Aggregator:
                "clock_s": self.exp.cost.round_seconds(device, plan), "wall_s": u.report.compute_s,
                "loss": u.loss, "layers": len(plan.trained(self.exp.info.num_layers)),
                "peak_train_mem_mb": round(u.report.peak_train_mem_mb, 3),
+               "peak_rss_mb": round(u.report.peak_rss_mb, 1), "peak_cuda_mb": round(u.report.peak_cuda_mb, 1),
                "bytes_up": u.report.bytes_up, "bytes_down": u.report.bytes_down}
         if plan.validate:
             rec["personal_accuracy"] = u.report.val_accuracy
         total = self.devices.setdefault(u.device, {"class": device.device_class, "rounds": 0,
                                                    "peak_train_mem_mb": 0.0, "peak_rss_mb": 0.0,
+                                                   "peak_cuda_mb": 0.0,
                                                    "bytes_up": 0, "bytes_down": 0})
         total["rounds"] += 1
         total["peak_train_mem_mb"] = max(total["peak_train_mem_mb"], rec["peak_train_mem_mb"])
         total["peak_rss_mb"] = max(total["peak_rss_mb"], u.report.peak_rss_mb)
+        total["peak_cuda_mb"] = max(total["peak_cuda_mb"], u.report.peak_cuda_mb)
         total["bytes_up"] += u.report.bytes_up
         total["bytes_down"] += u.report.bytes_down
         return rec

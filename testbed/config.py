@@ -103,6 +103,7 @@ class DistConfig:
     master_addr: str = option("", doc="rendezvous address of rank 0; default: its address on ifname, or loopback")
     master_port: int = option(0, lo=0, hi=65535, doc="0 = a free port chosen by rank 0")
     threads: int = option(1, lo=0, doc="torch threads per rank (ranks usually share cores)")
+    profile: bool = option(True, doc="each agent profiles its device when it joins (about 8 s for MiniLM)")
 
 
 @dataclass

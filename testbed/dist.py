@@ -6,23 +6,43 @@ from its own thread (send a plan, wait for the update, next device), so a slow o
 agent never blocks the others: a killed peer surfaces at once as a closed connection, a
 hung one at the round's deadline.  Either way its devices are left out of that round and
 of later ones (a rank's message stream cannot be resynchronised once a reply is lost).
+
+Joining: each agent rank sends a hello with the profile it measured of its device, then
+echoes a few probe buffers, from whose round trips rank 0 measures the link.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from testbed.errors import TestbedError
+from testbed.model import ModelInfo
+from testbed.profiler import DeviceProfile, profile_from_dict
 from testbed.plan import Update
 from testbed.transport import Failure, Job, RoundResult
 from testbed.wire import Message, WireError, pack, plan_message, read_update, unpack
 
 log = logging.getLogger("testbed.dist")
 MAX_MESSAGE = 1 << 31  # bytes; anything longer is refused before allocating it
+PROBES = (1,) * 5 + (1 << 20,) * 3  # echoed at join: latency from the small ones, bandwidth from the large
+
+
+@dataclass
+class Joined:
+    """What rank 0 learnt about an agent rank when it joined."""
+
+    rank: int
+    devices: list[str]
+    profile: DeviceProfile | None  # None when the agent was told not to profile
+    bandwidth_mbit: float
+    latency_ms: float
 
 
 def send_bytes(buf: memoryview, dst: int) -> int:
@@ -52,11 +72,40 @@ def hosts(devices: list[str], agents: int) -> dict[str, int]:
 class DistTransport:
     def __init__(self, devices: list[str], agents: int, key: bytes, wire_dtype: torch.dtype, deadline_s: float):
         self.rank_of = hosts(devices, agents)
+        self.agents = agents
         self.key = key
         self.dtype = wire_dtype
         self.deadline_s = deadline_s
         self.lost: dict[int, str] = {}  # rank -> why it is no longer used
         self.seq = dict.fromkeys(self.rank_of.values(), 0)  # per rank: only its own thread touches it
+
+    def join(self, info: ModelInfo) -> dict[int, Joined]:
+        """Receive every agent's hello and time its link; a rank that fails here is lost."""
+        out = {}
+        for rank in range(1, self.agents + 1):
+            devices = [d for d, r in self.rank_of.items() if r == rank]
+            try:
+                msg = unpack(recv_bytes(rank), self.key)
+                if msg.kind != "hello":
+                    raise WireError(f"expected a hello, got a {msg.kind} message")
+                raw = msg.meta.get("profile")
+                profile = None if raw is None else profile_from_dict(raw, f"rank {rank}'s profile", info)
+                times = []
+                for size in PROBES:
+                    start = time.perf_counter()
+                    send_bytes(memoryview(bytearray(size)), rank)
+                    recv_bytes(rank)
+                    times.append(time.perf_counter() - start)
+            except (WireError, TestbedError, RuntimeError) as exc:
+                self.lost[rank] = f"rank {rank}: failed to join: {str(exc).splitlines()[0]}"
+                log.warning("%s", self.lost[rank])
+                continue
+            small, large = statistics.median(times[:5]), statistics.median(times[5:])
+            mbit = 2 * 8 * PROBES[-1] / max(large - small, 1e-9) / 1e6
+            out[rank] = Joined(rank, devices, profile, mbit, 1000 * small / 2)
+            if profile is not None:
+                out[rank].profile = dataclasses.replace(profile, bandwidth_mbit=mbit, latency_ms=1000 * small / 2)
+        return out
 
     def available(self, devices: list[str]) -> list[str]:
         return [d for d in devices if self.rank_of[d] not in self.lost]
@@ -131,7 +180,7 @@ class DistTransport:
         return msg
 
     def close(self) -> None:
-        for rank in sorted(set(self.rank_of.values()) - set(self.lost)):
+        for rank in sorted(set(range(1, self.agents + 1)) - set(self.lost)):
             try:
                 send_bytes(pack(Message("bye", -1, "", 0, {}, {}), self.key), rank)
             except RuntimeError:

@@ -51,6 +51,11 @@ def training_footprint(model: nn.Module, saved_bytes: int, optimizer_states_per_
     return resident + trainable * (1 + optimizer_states_per_param) + saved_bytes
 
 
+def peak_cuda_mb() -> float:
+    """Peak CUDA memory allocated by torch in this process (0 without CUDA)."""
+    return torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else 0.0
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident set size so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

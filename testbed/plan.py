@@ -50,6 +50,7 @@ class Report:
     step_s: float = 0.0  # median seconds per training step (wall)
     peak_train_mem_mb: float = 0.0  # counted training footprint (see testbed.memory)
     peak_rss_mb: float = 0.0  # process peak resident set size
+    peak_cuda_mb: float = 0.0  # torch.cuda.max_memory_allocated, where CUDA is
     bytes_up: int = 0
     bytes_down: int = 0
     # On the device's own validation split (when the plan asks), before and after local training:

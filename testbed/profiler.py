@@ -49,6 +49,13 @@ class DeviceProfile:
     latency_ms: float = 0.0
     source: str = field(default="measured")  # "measured" or "analytic"
 
+    def seconds_per_token(self) -> float:
+        """A training step with LoRA on every layer (the lowest profiled rank), per token."""
+        rank = min(self.backward_s)
+        step = self.embed_s + self.head_s + sum(self.forward_lora_s.get(rank, self.forward_frozen_s)) \
+            + sum(self.backward_s[rank])
+        return step / (self.batch_size * self.seq_len)
+
     def save(self, path: Path) -> None:
         data = dataclasses.asdict(self)
         text = json.dumps(data, indent=1) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
@@ -68,23 +75,28 @@ def load_profile(path: Path, info: ModelInfo | None = None) -> DeviceProfile:
         raise TestbedError(f"{path}: profile not found") from None
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise TestbedError(f"{path}: not a readable device profile: {str(exc).splitlines()[0]}") from None
+    return profile_from_dict(data, str(path), info)
+
+
+def profile_from_dict(data: object, source: str, info: ModelInfo | None = None) -> DeviceProfile:
+    """A profile from its saved form; `source` (a file, a rank) names the culprit in errors."""
     if not isinstance(data, dict):
-        raise TestbedError(f"{path}: not a device profile (expected a mapping)")
+        raise TestbedError(f"{source}: not a device profile (expected a mapping)")
     names = {f.name for f in dataclasses.fields(DeviceProfile)}
     required = {f.name for f in dataclasses.fields(DeviceProfile)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     if missing := sorted(required - set(data)):
-        raise TestbedError(f"{path}: not a device profile: missing {', '.join(missing)}")
+        raise TestbedError(f"{source}: not a device profile: missing {', '.join(missing)}")
     if unknown := sorted(set(data) - names):
-        raise TestbedError(f"{path}: not a device profile: unknown key {unknown[0]}")
+        raise TestbedError(f"{source}: not a device profile: unknown key {unknown[0]}")
     try:
-        data["forward_lora_s"] = {int(r): [float(x) for x in v] for r, v in data["forward_lora_s"].items()}
-        data["backward_s"] = {int(r): [float(x) for x in v] for r, v in data["backward_s"].items()}
+        data = {**data, "forward_lora_s": {int(r): [float(x) for x in v] for r, v in data["forward_lora_s"].items()},
+                "backward_s": {int(r): [float(x) for x in v] for r, v in data["backward_s"].items()}}
         profile = DeviceProfile(**data)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise TestbedError(f"{path}: malformed device profile: {exc}") from None
+        raise TestbedError(f"{source}: malformed device profile: {exc}") from None
     if info is not None and profile.fingerprint != fingerprint(info):
-        raise TestbedError(f"{path}: a profile of {profile.model} ({profile.num_layers} layers), "
+        raise TestbedError(f"{source}: a profile of {profile.model} ({profile.num_layers} layers), "
                            f"not of this run's model ({info.num_layers} layers)")
     return profile
 

@@ -174,7 +174,7 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
 
 # Measured figures travel as one fixed-size float64 tensor, so that message sizes do not
 # depend on them (the modelled clock's runs must count identical bytes).
-MEASURED = ("compute_s", "step_s", "peak_train_mem_mb", "peak_rss_mb",
+MEASURED = ("compute_s", "step_s", "peak_train_mem_mb", "peak_rss_mb", "peak_cuda_mb",
             "val_accuracy_before", "val_accuracy", "val_loss_before", "val_loss")
 
 

@@ -16,6 +16,8 @@ import yaml
 
 from launch.mpirun import mpirun_command
 from testbed.config import from_dict
+from testbed.model import load_backbone, model_info
+from testbed.profiler import load_profile
 from testbed.run import run_inprocess
 from tests.conftest import ROOT, tiny_config
 
@@ -47,6 +49,20 @@ def test_mpirun_three_ranks_two_rounds(tiny_bert, tmp_path):
     assert summary["rounds"] == 2 and summary["failures"] == [] and summary["final_accuracy"] is not None
     for r in rows(tmp_path / "out"):
         assert len(r["devices"]) == 2 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+    # each agent profiled its device when it joined, and rank 0 timed its link
+    info = model_info(load_backbone(from_dict(tiny_config(tiny_bert)).model, 4, seed=0))
+    for rank in (1, 2):
+        p = load_profile(tmp_path / "out" / "profiles" / f"rank-{rank}.yaml", info)
+        assert p.source == "measured" and p.bandwidth_mbit > 0 and p.latency_ms > 0
+        assert all(t > 0 for t in p.forward_frozen_s)
+    assert "x the reference" in proc.stderr
+
+
+def test_agent_ranks_without_devices_are_released(tiny_bert, tmp_path):
+    raw = tiny_config(tiny_bert, rounds=1, devices={"laptop": 1}, **{"dist.profile": False})
+    proc = mpirun(write_config(tmp_path, raw), tmp_path / "out", agents=2, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 2 serves no device" in proc.stderr and "not profiled" in proc.stderr
 
 
 @pytest.mark.parametrize("wire_dtype", ["float32", "float16"])

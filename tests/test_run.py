@@ -12,9 +12,12 @@ from testbed.run import run_inprocess
 from tests.conftest import ROOT, tiny_config
 
 
+MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb")  # what the process measured, not what the run computed
+
+
 def strip_wall(obj):
     if isinstance(obj, dict):
-        return {k: strip_wall(v) for k, v in obj.items() if not k.endswith("wall_s")}
+        return {k: strip_wall(v) for k, v in obj.items() if not k.endswith(MEASURED)}
     if isinstance(obj, list):
         return [strip_wall(v) for v in obj]
     return obj
