@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import random
 import sys
 import time
@@ -10,15 +11,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from testbed.checks import check_update
 from testbed.evaluate import evaluate
 from testbed.experiment import Experiment
 from testbed.memory import peak_rss_mb
 from testbed.metrics import RunLog, summarise, table
 from testbed.model import get_head, init_lora
+from testbed.plan import Plan, Update
 from testbed.probe import LayerProbe, probe_layers
 from testbed.state import GlobalState
 from testbed.strategies import STRATEGIES, Context, Strategy
-from testbed.transport import Job, Transport
+from testbed.transport import Failure, Job, RoundResult, Transport
 
 
 def initial_state(exp: Experiment, max_rank: int) -> GlobalState:
@@ -40,6 +43,7 @@ def server_probe(exp: Experiment, state: GlobalState, rows: int) -> LayerProbe:
     return probe_layers(exp.bb, state.lora, state.head, exp.data.train.take(sorted(idx)), exp.cfg.model.lora)
 
 
+log = logging.getLogger("testbed.aggregator")
 SPEED_EMA = 0.5  # weight of the previous estimate in the moving average of device speeds
 
 
@@ -78,7 +82,7 @@ class Aggregator:
         sent = time.perf_counter()
         result = self.transport.run_round(r, jobs)
         train_wall = time.perf_counter() - sent
-        updates = [result.updates[d] for d in plans if d in result.updates]
+        updates = self.admitted(r, plans, result)
         if updates:
             strategy.aggregate(r, updates)
         state.round = r + 1
@@ -104,6 +108,21 @@ class Aggregator:
         self.log.checkpoint({"round": r, "lora": state.lora, "head": state.head,
                              "strategy": strategy.state_dict(), "clock_s": self.clock_s})
         return row
+
+    def admitted(self, r: int, plans: dict[str, Plan], result: RoundResult) -> list[Update]:
+        """The round's updates that are exactly what their plans asked for; the rest are failures."""
+        out = []
+        for d, plan in plans.items():
+            if d not in result.updates:
+                continue
+            u = result.updates[d]
+            problem = check_update(u, plan, self.exp.info, self.strategy.state.head, len(self.exp.data.shards[d].train))
+            if problem:
+                log.warning("round %d: rejected the update of %s: %s", r, d, problem)
+                result.failures.append(Failure(r, d, "rejected", problem))
+            else:
+                out.append(u)
+        return out
 
     def refresh_speeds(self, plans: dict, updates: list) -> None:
         """Online profile refresh: each device's speed (relative to the reference profile) follows

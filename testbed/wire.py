@@ -212,6 +212,8 @@ def _unflatten(tensors: dict[str, torch.Tensor]) -> tuple[LoraState, HeadState]:
     lora: LoraState = {}
     head: HeadState = {}
     for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise WireError(f"tensor {name!r} is {NAMES[t.dtype]}, not floating point")
         kind, _, rest = name.partition(".")
         if kind == "head":
             head[rest] = t.float()
