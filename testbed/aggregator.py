@@ -9,13 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from testbed.checks import check_update
 from testbed.evaluate import evaluate
 from testbed.experiment import Experiment
 from testbed.memory import peak_rss_mb
-from testbed.metrics import RunLog, summarise, table
+from testbed.metrics import RunLog, load_checkpoint, summarise, table
 from testbed.model import get_head, init_lora
 from testbed.plan import Plan, Update
 from testbed.probe import LayerProbe, probe_layers
@@ -48,22 +49,51 @@ SPEED_EMA = 0.5  # weight of the previous estimate in the moving average of devi
 
 
 class Aggregator:
-    def __init__(self, exp: Experiment, transport: Transport, out: Path, quiet: bool = False):
+    def __init__(self, exp: Experiment, transport: Transport, out: Path, quiet: bool = False,
+                 resume: bool = False):
         self.exp = exp
         self.cfg = exp.cfg
         self.transport = transport
         self.strategy = make_strategy(exp)
-        self.log = RunLog(out, exp.cfg)
         self.quiet = quiet
+        self.first_round = 0
         self.clock_s = 0.0
         self.wall_s = 0.0
         self.devices: dict[str, dict] = {}
         self.failures: list[dict] = []
+        checkpoint = load_checkpoint(out) if resume else None
+        self.log = RunLog(out, exp.cfg, checkpoint["rows"] if checkpoint else None)
+        if checkpoint:
+            self.restore(checkpoint)
+
+    def checkpoint(self, r: int) -> None:
+        """Everything the next round depends on, so that a resumed run continues exactly."""
+        state = self.strategy.state
+        self.log.checkpoint({
+            "round": r, "lora": state.lora, "head": state.head, "strategy": self.strategy.state_dict(),
+            "clock_s": self.clock_s, "wall_s": self.wall_s, "rows": self.log.rows, "devices": self.devices,
+            "failures": self.failures, "transport": self.transport.state_dict(),
+            "device_state": {n: dataclasses.asdict(d) for n, d in self.exp.devices.items()},
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
+
+    def restore(self, c: dict) -> None:
+        self.first_round = c["round"] + 1
+        state = self.strategy.state
+        state.lora, state.head, state.round = c["lora"], c["head"], c["round"] + 1
+        self.strategy.load_state_dict(c["strategy"])
+        self.clock_s, self.wall_s, self.devices, self.failures = c["clock_s"], c["wall_s"], c["devices"], c["failures"]
+        self.transport.load_state_dict(c["transport"])
+        for name, fields in c["device_state"].items():  # speeds refreshed online on the wall clock
+            for key, value in fields.items():
+                setattr(self.exp.devices[name], key, value)
+        random.setstate(c["rng"]["python"])
+        torch.set_rng_state(c["rng"]["torch"])
+        print(f"testbed: resuming after round {c['round']} of {self.cfg.rounds}", file=sys.stderr)
 
     def run(self) -> dict:
         desc = f"{self.cfg.strategy.name}" + (" [synthetic data]" if self.exp.data.synthetic else "")
-        bar = tqdm(range(self.cfg.rounds), desc=desc, unit="round",
-                   disable=self.quiet, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(range(self.first_round, self.cfg.rounds), desc=desc, unit="round", initial=self.first_round,
+                   total=self.cfg.rounds, disable=self.quiet, file=sys.stderr, dynamic_ncols=True)
         for r in bar:
             row = self.round(r)
             if row.get("accuracy") is not None:
@@ -105,8 +135,7 @@ class Aggregator:
                "personal_accuracy": personal_accuracy(per_device, updates),
                "devices": per_device, "failures": [f.device for f in result.failures]}
         self.log.row(row)
-        self.log.checkpoint({"round": r, "lora": state.lora, "head": state.head,
-                             "strategy": strategy.state_dict(), "clock_s": self.clock_s})
+        self.checkpoint(r)
         return row
 
     def admitted(self, r: int, plans: dict[str, Plan], result: RoundResult) -> list[Update]:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from testbed.config import load_config
+from testbed.config import ExperimentConfig, load_config
 from testbed.errors import TestbedError
 
 
@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or final table")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR after its last complete round (same config; rounds may grow)")
     run.add_argument("--launcher", choices=("inprocess", "mpi"), default="inprocess",
                      help="inprocess (default): every device in this process; mpi: mpirun with N agent ranks")
     run.add_argument("--agents", type=int, default=0, metavar="N",
@@ -52,8 +54,14 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume:
+        out = Path(args.resume)
+        check_same_experiment(cfg, out / "config.yaml")
+    else:
+        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"testbed: run directory {out}", file=sys.stderr)
+    if args.launcher == "mpi" and args.resume:
+        raise TestbedError("--resume: in-process runs only (agents keep personal layers that a restart loses)")
     if args.launcher == "mpi":
         from launch.mpirun import mpirun_command
 
@@ -63,8 +71,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         return subprocess.run(cmd).returncode
     from testbed.run import run_inprocess
 
-    run_inprocess(cfg, out, args.quiet)
+    run_inprocess(cfg, out, args.quiet, resume=bool(args.resume))
     return 0
+
+
+def check_same_experiment(cfg: ExperimentConfig, saved_path: Path) -> None:
+    """A resumed run must be the same experiment; only `rounds` may change (to extend it)."""
+    if not saved_path.is_file():
+        raise TestbedError(f"--resume: {saved_path} not found: not a run directory")
+    saved = dataclasses.asdict(load_config(saved_path))
+    now = dataclasses.asdict(cfg)
+    saved["rounds"] = now["rounds"]
+    if key := first_difference(saved, now):
+        raise TestbedError(f"--resume: {key} differs from the run's {saved_path} (only rounds may change)")
+
+
+def first_difference(a: object, b: object, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if found := first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k)):
+                return found
+        return None
+    return None if a == b else path
 
 
 

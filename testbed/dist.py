@@ -179,6 +179,12 @@ class DistTransport:
                             f"got {msg.kind} of {msg.device} for round {msg.round}")
         return msg
 
+    def state_dict(self) -> dict:
+        return {}  # personal layers live in the agent processes
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def close(self) -> None:
         for rank in sorted(set(range(1, self.agents + 1)) - set(self.lost)):
             try:

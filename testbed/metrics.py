@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from testbed.config import ExperimentConfig, save_config
+from testbed.errors import TestbedError
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -16,13 +17,25 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(out: Path) -> dict:
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        raise TestbedError(f"{path}: no checkpoint to resume from")
+    try:
+        return torch.load(path, weights_only=False)  # our own file: rows, RNG and strategy states
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise TestbedError(f"{path}: unreadable checkpoint: {str(exc).splitlines()[0]}") from None
+
+
 class RunLog:
-    def __init__(self, out: Path, cfg: ExperimentConfig):
+    def __init__(self, out: Path, cfg: ExperimentConfig, rows: list[dict] | None = None):
+        """A fresh log, or (`rows` from a checkpoint) one resumed after those rows: a row
+        written after the last checkpoint is dropped, since its round will run again."""
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        self.rows: list[dict] = []
-        (out / "metrics.jsonl").write_text("")
+        self.rows: list[dict] = list(rows or [])
+        atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def row(self, row: dict) -> None:
         self.rows.append(row)

@@ -12,8 +12,8 @@ from testbed.experiment import setup
 from testbed.transport import InProcess
 
 
-def run_inprocess(cfg: ExperimentConfig, out: Path, quiet: bool = False) -> dict:
+def run_inprocess(cfg: ExperimentConfig, out: Path, quiet: bool = False, resume: bool = False) -> dict:
     exp = setup(cfg)
     agents = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d], exp.devices[d].memory_mb)
               for d in exp.devices}
-    return Aggregator(exp, InProcess(agents, getattr(torch, cfg.wire.dtype)), out, quiet).run()
+    return Aggregator(exp, InProcess(agents, getattr(torch, cfg.wire.dtype)), out, quiet, resume).run()

@@ -46,6 +46,11 @@ class Transport(Protocol):
 
     def run_round(self, round: int, jobs: dict[str, Job]) -> RoundResult: ...
 
+    def state_dict(self) -> dict:
+        """What the agents keep between rounds (personal layers) where this process holds it."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -74,6 +79,13 @@ class InProcess:
             update.report.bytes_up = len(up) + 8
             result.updates[device] = update
         return result
+
+    def state_dict(self) -> dict:
+        return {d: agent.personal for d, agent in self.agents.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for d, personal in state.items():
+            self.agents[d].personal = personal
 
     def close(self) -> None:
         pass

@@ -3,11 +3,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 import yaml
 
-from testbed.config import from_dict
+from testbed.config import from_dict, load_config
 from testbed.run import run_inprocess
 from tests.conftest import ROOT, tiny_config
 
@@ -101,3 +103,44 @@ def test_missing_label_column_on_real_csv(ag_news, tiny_bert, tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     proc = cli(["run", str(config), "--quiet"], cwd=tmp_path)
     assert proc.returncode == 2 and "data.label_column: column 'topic'" in proc.stderr
+
+
+def test_a_killed_run_resumes_to_the_same_metrics(tiny_bert, tmp_path):
+    """SIGKILL mid-run, then --resume: the final metrics equal an uninterrupted run's (modelled clock).
+    DropPEFT keeps the most state between rounds: bandits, personal layers on the devices, RNGs."""
+    raw = tiny_config(tiny_bert, rounds=6, **{"strategy.name": "droppeft", "strategy.personal_k": 1,
+                                              "data.partition": "dirichlet", "train.local_steps": 60})
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_inprocess(load_config(config), tmp_path / "whole", quiet=True)
+    out = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(config), "--out", str(out), "--quiet"],
+                            env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be cut"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = len(read_rows(out))
+    assert 2 <= done < 6
+    resumed = cli(["run", str(config), "--resume", str(out), "--quiet"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after round" in resumed.stderr  # the last row, or the one before if cut before its checkpoint
+    assert strip_wall(read_rows(out)) == strip_wall(read_rows(tmp_path / "whole"))
+    a, b = torch.load(out / "checkpoint.pt", weights_only=False), torch.load(tmp_path / "whole" / "checkpoint.pt",
+                                                                            weights_only=False)
+    assert all(torch.equal(a["lora"][l][n], b["lora"][l][n]) for l in b["lora"] for n in b["lora"][l])
+
+
+def test_resume_refuses_another_experiment(tiny_bert, tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_bert, rounds=1)))
+    assert cli(["run", str(config), "--out", str(tmp_path / "r"), "--quiet"], cwd=tmp_path).returncode == 0
+    other = cli(["run", str(config), "--resume", str(tmp_path / "r"), "--set", "train.lr=0.5"], cwd=tmp_path)
+    assert other.returncode == 2 and "train.lr differs" in other.stderr and "Traceback" not in other.stderr
+    empty = cli(["run", str(config), "--resume", str(tmp_path / "nothing")], cwd=tmp_path)
+    assert empty.returncode == 2 and "not a run directory" in empty.stderr
+    extended = cli(["run", str(config), "--resume", str(tmp_path / "r"), "--set", "rounds=2", "--quiet"], cwd=tmp_path)
+    assert extended.returncode == 0 and [r["round"] for r in read_rows(tmp_path / "r")] == [0, 1]

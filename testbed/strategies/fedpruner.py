@@ -13,6 +13,7 @@ devices that held it.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -105,7 +106,8 @@ class FedPruner(Strategy):
         self.state.head = average_head([(u.samples, u.head) for u in updates])
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate()}
+        return {"rng": self.rng.getstate(), "probe": None if self.probe is None else dataclasses.asdict(self.probe)}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
+        self.probe = None if state["probe"] is None else LayerProbe(**state["probe"])
