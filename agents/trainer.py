@@ -10,7 +10,8 @@ import torch
 from testbed.config import LoraConfig, TrainConfig
 from testbed.data import Tokens
 from testbed.memory import MB, SavedTensorCounter, training_footprint
-from testbed.model import Backbone, get_head, get_lora, lora_applied, running_layers, set_head, set_lora
+from testbed.model import (Backbone, freeze_lora, get_head, get_lora, lora_applied, running_layers, set_head,
+                           set_lora)
 from testbed.plan import HeadState, LoraState, Plan
 
 
@@ -56,6 +57,7 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
         if any(ranks.values()):
             set_lora(bb, model, lora)
         set_head(bb, head)
+        freeze_lora(bb, model, plan.frozen)
         for p in bb.head_params().values():
             p.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -10,7 +10,7 @@ Strategies reason about devices only through this.
   the run's sequence length; memory is the worst case over dropout (every layer runs).
 - Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
   FLOPs where no profile fits the model): forward of every layer that runs (with LoRA at the
-  plan's rank, or frozen), backward only at or above the lowest LoRA layer, each weighted by
+  plan's rank, or without LoRA), backward only at or above the lowest trained LoRA layer, each weighted by
   the probability the layer runs, scaled linearly in tokens per step and divided by the
   device's speed factor relative to the profiled device.
 """
@@ -69,10 +69,10 @@ class CostModel:
         per_rank = sum(o + i for o, i in self.info.shapes.values())
         return sum(plan.ranks.get(l, 0) * per_rank for l in layers)
 
-    def shapes(self, plan: Plan) -> tuple[LoraState, HeadState]:
-        """Stand-in tensors (no data) of the LoRA slices a plan shares, and of the head."""
+    def shapes(self, plan: Plan, layers: list[int]) -> tuple[LoraState, HeadState]:
+        """Stand-in tensors (no data) of the plan's LoRA slices of these layers, and of the head."""
         lora = {}
-        for l in plan.shared(self.info.num_layers):
+        for l in layers:
             r = plan.ranks[l]
             lora[l] = {}
             for m, (out_f, in_f) in self.info.shapes.items():
@@ -81,13 +81,13 @@ class CostModel:
         return lora, {n: torch.empty(s, device="meta") for n, s in self.head_shapes.items()}
 
     def bytes_down(self, plan: Plan) -> int:
-        lora, head = self.shapes(plan)
+        lora, head = self.shapes(plan, plan.downlink(self.info.num_layers))
         return LENGTH_PREFIX + packed_size(plan_message(0, "device", 0, plan, lora, head), self.wire_dtype)
 
     def bytes_up(self, plan: Plan) -> int:
         """The update of a plan (its measured loss and step counts change the header by a few bytes)."""
-        lora, head = self.shapes(plan)
         n = self.info.num_layers
+        lora, head = self.shapes(plan, plan.shared(n))
         update = Update("device", 0, lora, head, samples=1000, active_steps=dict.fromkeys(plan.resident(n), 10),
                         steps=plan.local_steps, loss=1.2345678901234567)
         return LENGTH_PREFIX + packed_size(update_message(update, 0), self.wire_dtype)
@@ -96,12 +96,13 @@ class CostModel:
         n = self.info.num_layers
         resident = len(plan.resident(n)) * self.info.layer_params + self.info.other_params
         lora = self.lora_params(plan, plan.trained(n))
+        frozen = self.lora_params(plan, [l for l in plan.adapted(n) if l in plan.frozen])
         lowest = min(plan.trained(n), default=n)
         tokens = plan.batch_size * self.seq_len
         saved = tokens * (self.activations.fixed
                           + self.activations.per_layer * sum(1 for l in plan.resident(n) if l >= lowest))
         head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
-        return int(resident * FLOAT_BYTES + 4 * lora * FLOAT_BYTES + 3 * head + saved)
+        return int((resident + 4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
 
     def fits(self, device: Device, plan: Plan) -> bool:
         return self.peak_memory_bytes(device, plan) <= device.memory_mb * 1024 * 1024

@@ -164,6 +164,14 @@ def get_lora(bb: Backbone, peft_model: nn.Module) -> LoraState:
     return state
 
 
+def freeze_lora(bb: Backbone, peft_model: nn.Module, layers: list[int]) -> None:
+    """Keep these layers' LoRA out of training: it still runs, but gets no gradient."""
+    prefixes = tuple(f"base_model.model.{bb.layers_path}.{l}." for l in layers)
+    for name, p in peft_model.named_parameters():
+        if ".lora_" in name and name.startswith(prefixes):
+            p.requires_grad_(False)
+
+
 def set_lora(bb: Backbone, peft_model: nn.Module, state: LoraState) -> None:
     """Load per-layer factors into the wrapped model; every key must land."""
     from peft import set_peft_model_state_dict

@@ -25,6 +25,7 @@ class Plan:
     layers: list[int] | None = None  # layers resident on the device; None = all
     drop: dict[int, float] = field(default_factory=dict)  # per-layer skip probability
     personal: list[int] = field(default_factory=list)  # layers whose LoRA never leaves the device
+    frozen: list[int] = field(default_factory=list)  # layers whose global LoRA runs but is not trained
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-4
@@ -33,13 +34,21 @@ class Plan:
     def resident(self, num_layers: int) -> list[int]:
         return list(range(num_layers)) if self.layers is None else sorted(self.layers)
 
-    def trained(self, num_layers: int) -> list[int]:
-        """Layers that carry LoRA on the device."""
+    def adapted(self, num_layers: int) -> list[int]:
+        """Layers that carry LoRA on the device, trained or frozen."""
         return [l for l in self.resident(num_layers) if self.ranks.get(l, 0) > 0]
 
+    def trained(self, num_layers: int) -> list[int]:
+        """Layers whose LoRA the device trains."""
+        return [l for l in self.adapted(num_layers) if l not in self.frozen]
+
     def shared(self, num_layers: int) -> list[int]:
-        """Layers whose LoRA travels (down in the plan, up in the update)."""
+        """Layers whose trained LoRA travels both ways (down in the plan, up in the update)."""
         return [l for l in self.trained(num_layers) if l not in self.personal]
+
+    def downlink(self, num_layers: int) -> list[int]:
+        """Layers whose global LoRA the plan carries: the shared ones and the frozen ones."""
+        return [l for l in self.adapted(num_layers) if l not in self.personal]
 
 
 @dataclass

@@ -13,9 +13,9 @@ class GlobalState:
     round: int = 0
 
     def downlink(self, plan: Plan, num_layers: int) -> LoraState:
-        """The LoRA a plan needs: its shared layers only, each sliced to the plan's rank."""
+        """The LoRA a plan needs: its shared and frozen layers only, each sliced to the plan's rank."""
         out = {}
-        for l in plan.shared(num_layers):
+        for l in plan.downlink(num_layers):
             r = plan.ranks[l]
             out[l] = {n: (t[:r] if n.endswith(".A") else t[:, :r]).contiguous() for n, t in self.lora[l].items()}
         return out

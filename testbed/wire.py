@@ -154,7 +154,7 @@ def _tensor(entry: object, payload: memoryview) -> tuple[str, torch.Tensor]:
 
 def plan_message(round: int, device: str, seq: int, plan: Plan, lora: LoraState, head: HeadState) -> Message:
     meta = {"ranks": sorted(plan.ranks.items()), "layers": plan.layers, "drop": sorted(plan.drop.items()),
-            "personal": plan.personal, "local_steps": plan.local_steps, "batch_size": plan.batch_size,
+            "personal": plan.personal, "frozen": plan.frozen, "local_steps": plan.local_steps, "batch_size": plan.batch_size,
             "lr": plan.lr, "validate": plan.validate}
     return Message("plan", round, device, seq, meta, _flatten(lora, head))
 
@@ -165,6 +165,7 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
         plan = Plan(ranks={int(l): int(r) for l, r in m["ranks"]},
                     layers=None if m["layers"] is None else [int(l) for l in m["layers"]],
                     drop={int(l): float(p) for l, p in m["drop"]}, personal=[int(l) for l in m["personal"]],
+                    frozen=[int(l) for l in m["frozen"]],
                     local_steps=int(m["local_steps"]), batch_size=int(m["batch_size"]), lr=float(m["lr"]),
                     validate=bool(m["validate"]))
     except (KeyError, TypeError, ValueError) as exc:

@@ -4,7 +4,10 @@ import json
 import pytest
 import torch
 
+from testbed.aggregator import make_strategy
 from testbed.config import from_dict
+from testbed.experiment import setup
+from testbed.plan import Plan
 from testbed.run import run_inprocess
 from testbed.strategies.hetlora import pow2_floor
 from testbed.strategies.legend import rank_distribution
@@ -60,3 +63,25 @@ def test_backprop_stops_at_the_lowest_lora_layer(tiny_bert):
         footprint[depth] = res.footprint_mb
         assert sorted(res.lora) == [l for l, r in ranks.items() if r]
     assert footprint[1] < footprint[2] * 0.8
+    # Depth 1 with layer 0's global LoRA running frozen: it stores no more for backward than
+    # depth 1 alone (only layer 0's small factors are added), and layer 0 comes back unchanged.
+    lora = init_lora(info, [0, 1], 4, seed=0)
+    lora[0] = {n: t + 0.1 for n, t in lora[0].items()}  # a non-zero global adapter
+    res = train_plan(bb, Plan(ranks={0: 4, 1: 4}, frozen=[0], local_steps=2, batch_size=32), lora,
+                     {n: p.detach().clone() for n, p in bb.head_params().items()}, tokens, list(range(32)),
+                     LoraConfig(rank=4, alpha=8), TrainConfig(), seed=0)
+    assert footprint[1] < res.footprint_mb < footprint[1] + 0.01 < footprint[2] * 0.8
+    assert all(torch.equal(res.lora[0][n], lora[0][n]) for n in lora[0])
+    assert not all(torch.equal(res.lora[1][n], lora[1][n]) for n in lora[1])
+
+
+def test_legend_runs_the_global_lora_frozen_below_its_depth(tiny_bert, tmp_path):
+    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "legend", "strategy.deadline_factor": 0.8,
+                                              "devices": {"agx-orin": 1, "jetson-tx2": 1}}))
+    exp = setup(cfg)
+    strategy = make_strategy(exp)
+    plans = strategy.plan(0, list(exp.devices))
+    shallow = plans["jetson-tx2-0"]
+    assert shallow.frozen and set(shallow.frozen) == set(range(min(shallow.trained(2))))
+    assert exp.cost.bytes_down(shallow) > exp.cost.bytes_down(Plan(ranks={1: shallow.ranks[1]}))
+    assert sorted(strategy.state.downlink(shallow, 2)) == [0, 1] and shallow.shared(2) == [1]

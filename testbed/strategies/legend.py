@@ -6,6 +6,11 @@ sets a common deadline, the predicted round time of a reference device running t
 baseline plan, and gives every device the deepest configuration, then the largest ranks,
 that the cost model says meets the deadline and fits its memory.  Layers are aggregated
 over the devices that hold LoRA there (`pad` by default: rank rows over their owners).
+
+Below the depth a device runs the global LoRA frozen by default (`below: frozen`): it costs
+bytes down and a little forward time but no backward, and keeps the device's model the
+global one; without it, shallow devices train their top layers on features the global
+model no longer produces, which slowed convergence in our study.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ class LegendOptions(StrategyConfig):
     deadline_device: str = option("median", doc="median, fastest, slowest, or a device class name")
     deadline_factor: float = option(1.0, gt=0, doc="scales the reference device's predicted round time")
     aggregation: str = option("pad", choices=("pad", "hetlora", "flexlora"))
+    below: str = option("frozen", choices=("frozen", "none"),
+                        doc="layers under the depth: run the global LoRA frozen (sent down, not trained), "
+                            "or run without LoRA (the device's model then differs from the global one)")
 
 
 def rank_distribution(depth: int, num_layers: int, low: int, high: int, profile: str) -> dict[int, int]:
@@ -80,13 +88,19 @@ class Legend(Strategy):
         for depth in range(n, self.opts.min_depth - 1, -1):
             high = top
             while high >= 1:
-                plan = self.base_plan(rank_distribution(depth, n, min(self.opts.min_rank, high), high,
-                                                        self.opts.rank_profile))
+                plan = self.with_below(rank_distribution(depth, n, min(self.opts.min_rank, high), high,
+                                                         self.opts.rank_profile), depth, top)
                 if cost.fits(dev, plan) and cost.round_seconds(dev, plan) <= deadline:
                     return plan
                 lightest = plan
                 high //= 2
         return lightest
+
+    def with_below(self, ranks: dict[int, int], depth: int, top: int) -> Plan:
+        below = list(range(self.ctx.model.num_layers - depth))
+        if self.opts.below == "none" or not below:
+            return self.base_plan(ranks)
+        return self.base_plan({**ranks, **dict.fromkeys(below, top)}, frozen=below)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         self.state.lora = aggregate(self.state.lora, contributions(updates), self.opts.aggregation)
