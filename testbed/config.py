@@ -8,6 +8,7 @@ the raw mapping first, so they are validated exactly like the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,7 +134,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise TestbedError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TestbedError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise TestbedError(f"{path}: expected a mapping of keys at the top level")
     for item in overrides:
@@ -146,7 +148,9 @@ def from_dict(raw: dict, source: str = "<config>") -> ExperimentConfig:
     rest = {k: v for k, v in raw.items() if k != "strategy"}
     strategy = raw.get("strategy") or {}
     cfg = _build(ExperimentConfig, rest, "", source)
-    name = strategy.get("name", StrategyConfig.name) if isinstance(strategy, dict) else None
+    name = strategy.get("name", StrategyConfig.name) if isinstance(strategy, dict) else StrategyConfig.name
+    if not isinstance(name, str):
+        raise TestbedError(f"{source}: strategy.name: expected str, got {name!r}")
     cfg.strategy = _build(_strategy_options(name, source), strategy, "strategy", source)
     return cfg
 
@@ -236,6 +240,8 @@ def _check_scalar(tp: type, value: Any, key: str, source: str, meta: Any) -> Any
             pass
     if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
         raise TestbedError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise TestbedError(f"{source}: {key}: {value!r} is not a finite number")
     lo, hi, gt, choices = meta.get("lo"), meta.get("hi"), meta.get("gt"), meta.get("choices")
     if gt is not None and value <= gt:
         raise TestbedError(f"{source}: {key}: {value!r} must be greater than {gt}")
