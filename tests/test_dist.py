@@ -58,6 +58,25 @@ def test_mpirun_three_ranks_two_rounds(tiny_bert, tmp_path):
     assert "x the reference" in proc.stderr
 
 
+def test_the_secret_stays_out_of_argv_logs_and_the_run_directory(tiny_bert, tmp_path, monkeypatch):
+    from launch.mpi import read_secret
+
+    secret = "b7c1e0d4f9a2-run-secret-3e8d"
+    (tmp_path / "secret").write_text(secret)
+    (tmp_path / "secret").chmod(0o600)
+    monkeypatch.setenv("TESTBED_SECRET_FILE", str(tmp_path / "secret"))
+    assert read_secret(default=b"unused") == secret.encode()  # rank 0 keys the run with it
+    config = write_config(tmp_path, tiny_config(tiny_bert, rounds=1, devices={"laptop": 2}))
+    cmd = mpirun_command(str(config), [], tmp_path / "out", 2)
+    proc = subprocess.run(cmd, env={**ENV, "TESTBED_SECRET_FILE": str(tmp_path / "secret")}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in " ".join(cmd) and secret not in proc.stdout + proc.stderr
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
 def test_agent_ranks_without_devices_are_released(tiny_bert, tmp_path):
     raw = tiny_config(tiny_bert, rounds=1, devices={"laptop": 1}, **{"dist.profile": False})
     proc = mpirun(write_config(tmp_path, raw), tmp_path / "out", agents=2, timeout=120)
