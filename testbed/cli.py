@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--ranks", default="2,8,16", help="LoRA ranks to time, comma-separated")
     prof.add_argument("--out", help="write the profile here (.yaml or .json); default: print it")
     prof.set_defaults(func=cmd_profile)
+    hf = sub.add_parser("hostfile", help="print an Open MPI hostfile for an inventory (aggregator first)")
+    hf.add_argument("-i", "--inventory", required=True, help="inventory: YAML, INI, or ansible-inventory --list JSON")
+    hf.set_defaults(func=cmd_hostfile)
     return p
 
 
@@ -119,6 +122,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"testbed: wrote {args.out}", file=sys.stderr)
     else:
         print(json.dumps(dataclasses.asdict(profile), indent=1))
+    return 0
+
+
+
+def cmd_hostfile(args: argparse.Namespace) -> int:
+    from testbed.inventory import hostfile, load_inventory
+
+    print(hostfile(load_inventory(args.inventory)), end="")
     return 0
 
 
