@@ -32,10 +32,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
-    run.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
+    where.add_argument("--resume", metavar="DIR",
+                       help="continue the run in DIR after its last complete round (same config; rounds may grow)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or final table")
-    run.add_argument("--resume", metavar="DIR",
-                     help="continue the run in DIR after its last complete round (same config; rounds may grow)")
     run.add_argument("--launcher", choices=("inprocess", "mpi"), default="inprocess",
                      help="inprocess (default): every device in this process; mpi: mpirun with N agent ranks")
     run.add_argument("--agents", type=int, default=0, metavar="N",
@@ -56,15 +57,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.launcher == "mpi" and args.resume:
+        raise TestbedError("--resume: in-process runs only (agents keep personal layers that a restart loses)")
     cfg = load_config(args.config, args.set)
     if args.resume:
         out = Path(args.resume)
         check_same_experiment(cfg, out / "config.yaml")
     else:
-        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
     print(f"testbed: run directory {out}", file=sys.stderr)
-    if args.launcher == "mpi" and args.resume:
-        raise TestbedError("--resume: in-process runs only (agents keep personal layers that a restart loses)")
     if args.launcher == "mpi":
         from launch.mpirun import mpirun_command
 
@@ -98,7 +100,6 @@ def first_difference(a: object, b: object, path: str = "") -> str | None:
     return None if a == b else path
 
 
-
 def cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
@@ -123,7 +124,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(dataclasses.asdict(profile), indent=1))
     return 0
-
 
 
 def cmd_hostfile(args: argparse.Namespace) -> int:

@@ -101,10 +101,10 @@ class DistTransport:
                 log.warning("%s", self.lost[rank])
                 continue
             small, large = statistics.median(times[:5]), statistics.median(times[5:])
-            mbit = 2 * 8 * PROBES[-1] / max(large - small, 1e-9) / 1e6
-            out[rank] = Joined(rank, devices, profile, mbit, 1000 * small / 2)
-            if profile is not None:
-                out[rank].profile = dataclasses.replace(profile, bandwidth_mbit=mbit, latency_ms=1000 * small / 2)
+            mbit, ms = 2 * 8 * PROBES[-1] / max(large - small, 1e-9) / 1e6, 1000 * small / 2
+            if profile is not None:  # the saved profile carries the link too
+                profile = dataclasses.replace(profile, bandwidth_mbit=mbit, latency_ms=ms)
+            out[rank] = Joined(rank, devices, profile, mbit, ms)
         return out
 
     def available(self, devices: list[str]) -> list[str]:

@@ -154,8 +154,8 @@ def _tensor(entry: object, payload: memoryview) -> tuple[str, torch.Tensor]:
 
 def plan_message(round: int, device: str, seq: int, plan: Plan, lora: LoraState, head: HeadState) -> Message:
     meta = {"ranks": sorted(plan.ranks.items()), "layers": plan.layers, "drop": sorted(plan.drop.items()),
-            "personal": plan.personal, "frozen": plan.frozen, "local_steps": plan.local_steps, "batch_size": plan.batch_size,
-            "lr": plan.lr, "validate": plan.validate}
+            "personal": plan.personal, "frozen": plan.frozen, "local_steps": plan.local_steps,
+            "batch_size": plan.batch_size, "lr": plan.lr, "validate": plan.validate}
     return Message("plan", round, device, seq, meta, _flatten(lora, head))
 
 
