@@ -174,7 +174,7 @@ class Aggregator:
         device = self.exp.devices[u.device]
         rec = {"device": u.device, "class": device.device_class,
                "clock_s": self.exp.cost.round_seconds(device, plan), "wall_s": u.report.compute_s,
-               "loss": u.loss, "layers": len(plan.trained(self.exp.info.num_layers)),
+               "loss": u.loss, **plan_summary(plan, self.exp.info.num_layers),
                "peak_train_mem_mb": round(u.report.peak_train_mem_mb, 3),
                "peak_rss_mb": round(u.report.peak_rss_mb, 1), "peak_cuda_mb": round(u.report.peak_cuda_mb, 1),
                "bytes_up": u.report.bytes_up, "bytes_down": u.report.bytes_down}
@@ -197,6 +197,14 @@ class Aggregator:
         if self.cfg.clock == "wall":
             return wall
         return max((d["clock_s"] for d in per_device), default=0.0)
+
+
+def plan_summary(plan: Plan, num_layers: int) -> dict:
+    """What a device was asked to do, in three numbers: LoRA layers trained, their ranks summed,
+    and the mean drop probability of its resident layers."""
+    trained, resident = plan.trained(num_layers), plan.resident(num_layers)
+    return {"layers": len(trained), "rank_sum": sum(plan.ranks[l] for l in trained),
+            "drop": round(sum(plan.drop.get(l, 0.0) for l in resident) / max(len(resident), 1), 4)}
 
 
 def personal_accuracy(per_device: list[dict], updates: list) -> float | None:

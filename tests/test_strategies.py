@@ -75,8 +75,37 @@ def test_backprop_stops_at_the_lowest_lora_layer(tiny_bert):
     assert not all(torch.equal(res.lora[1][n], lora[1][n]) for n in lora[1])
 
 
+def test_legend_gives_each_device_the_most_capacity_that_meets_the_deadline(tiny_bert):
+    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "legend", "model.lora.rank": 8,
+                                              "train.local_steps": 500, "strategy.deadline_device": "jetson-tx2",
+                                              "strategy.deadline_factor": 0.95,
+                                              "devices": {"agx-orin": 1, "xavier-nx": 1, "jetson-tx2": 1}}))
+    exp = setup(cfg)
+    strategy = make_strategy(exp)
+    deadline = strategy.deadline(list(exp.devices))
+    plans = strategy.plan(0, list(exp.devices))
+    full = strategy.base_plan(dict.fromkeys(range(2), 8))
+
+    def capacity(p: Plan) -> tuple[int, int]:
+        trained = p.trained(2)
+        return sum(p.ranks[l] for l in trained), len(trained)
+
+    shallow = 0
+    for name, device in exp.devices.items():
+        seconds = exp.cost.round_seconds(device, plans[name])
+        if exp.cost.round_seconds(device, full) <= deadline:  # the baseline fits: run it unchanged
+            assert plans[name].ranks == full.ranks and not plans[name].frozen
+            continue
+        shallow += 1
+        assert seconds <= deadline
+        richer = [c for c in strategy.candidates() if capacity(c) > capacity(plans[name])]
+        assert richer and all(exp.cost.round_seconds(device, c) > deadline for c in richer)
+    assert shallow == 1  # the TX2 must cut a twentieth of its round
+
+
 def test_legend_runs_the_global_lora_frozen_below_its_depth(tiny_bert, tmp_path):
-    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "legend", "strategy.deadline_factor": 0.8,
+    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "legend", "strategy.deadline_factor": 0.95,
+                                              "strategy.deadline_device": "jetson-tx2", "train.local_steps": 500,
                                               "devices": {"agx-orin": 1, "jetson-tx2": 1}}))
     exp = setup(cfg)
     strategy = make_strategy(exp)

@@ -3,8 +3,9 @@
 A device trains LoRA only on its top `d` layers (backpropagation stops at the lowest of
 them), with ranks that do not decrease toward the output.  Each round the configurator
 sets a common deadline, the predicted round time of a reference device running the
-baseline plan, and gives every device the deepest configuration, then the largest ranks,
-that the cost model says meets the deadline and fits its memory.  Layers are aggregated
+baseline plan, and gives every device the configuration that trains the most LoRA
+parameters (sum of ranks; then the deepest) that the cost model says meets the deadline and
+fits its memory: a device that can run the baseline in time runs it unchanged.  Layers are aggregated
 over the devices that hold LoRA there (`pad` by default: rank rows over their owners).
 
 Below the depth a device runs the global LoRA frozen by default (`below: frozen`): it costs
@@ -30,7 +31,8 @@ class LegendOptions(StrategyConfig):
     max_rank: int = option(0, lo=0, doc="rank of the top layer; 0 = model.lora.rank")
     min_rank: int = option(2, lo=1, doc="rank of the lowest LoRA layer at full ramp")
     min_depth: int = option(1, lo=1)
-    rank_profile: str = option("ramp", choices=("ramp", "uniform"))
+    rank_profile: str = option("ramp", choices=("ramp", "uniform"),
+                               doc="ramp: ranks may rise toward the output (from min_rank); uniform: one rank per plan")
     deadline_device: str = option("median", doc="median, fastest, slowest, or a device class name")
     deadline_factor: float = option(1.0, gt=0, doc="scales the reference device's predicted round time")
     aggregation: str = option("pad", choices=("pad", "hetlora", "flexlora"))
@@ -81,20 +83,28 @@ class Legend(Strategy):
         return value * self.opts.deadline_factor
 
     def configure(self, device: str, deadline: float) -> Plan:
-        """Deepest, then highest-rank, plan that meets the deadline and fits; else the lightest."""
-        dev, cost, n = self.ctx.devices[device], self.ctx.cost, self.ctx.model.num_layers
-        top = self.max_rank(self.ctx.cfg)
-        lightest = None
+        """The plan that tunes the most LoRA parameters (the largest sum of ranks, then the deepest)
+        within the deadline and the memory budget; if none does, the lightest."""
+        dev, cost = self.ctx.devices[device], self.ctx.cost
+        candidates = self.candidates()
+        for plan in candidates:
+            if cost.fits(dev, plan) and cost.round_seconds(dev, plan) <= deadline:
+                return plan
+        return min(candidates, key=lambda p: cost.round_seconds(dev, p))
+
+    def candidates(self) -> list[Plan]:
+        """Every depth with every ramp between powers of two, the most LoRA parameters first."""
+        n, top = self.ctx.model.num_layers, self.max_rank(self.ctx.cfg)
+        highs = [top >> k for k in range(top.bit_length()) if top >> k]
+        shapes = set()
         for depth in range(n, self.opts.min_depth - 1, -1):
-            high = top
-            while high >= 1:
-                plan = self.with_below(rank_distribution(depth, n, min(self.opts.min_rank, high), high,
-                                                         self.opts.rank_profile), depth, top)
-                if cost.fits(dev, plan) and cost.round_seconds(dev, plan) <= deadline:
-                    return plan
-                lightest = plan
-                high //= 2
-        return lightest
+            for high in highs:
+                lows = [high] if self.opts.rank_profile == "uniform" else [l for l in highs if l <= high]
+                for low in lows:
+                    if low >= min(self.opts.min_rank, high):
+                        ranks = rank_distribution(depth, n, low, high, self.opts.rank_profile)
+                        shapes.add((sum(ranks.values()), depth, tuple(ranks.values())))
+        return [self.with_below(dict(enumerate(r)), d, top) for _, d, r in sorted(shapes, reverse=True)]
 
     def with_below(self, ranks: dict[int, int], depth: int, top: int) -> Plan:
         below = list(range(self.ctx.model.num_layers - depth))
