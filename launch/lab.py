@@ -9,9 +9,10 @@
     have no route beyond the subnet and nothing is forwarded, so they reach nothing else;
   - an sshd in its namespace (and UTS namespace: `hostname` is the host's name), with its own
     config and host key, key-only, that accepts the lab's client key; known_hosts lists every host's key, so clients verify them;
-  - cgroups `/sys/fs/cgroup/{cpu,memory}/testbed/LAB/HOST` with the CPU quota `testbed_cpu`
-    (in CPUs) and the memory limit `testbed_memory_mb`; the sshd joins them before it starts,
-    so every SSH session and whatever it starts inherits them;
+  - cgroups `/sys/fs/cgroup/{cpu,memory}/tb-LAB-HOST` with the CPU quota `testbed_cpu` (in
+    CPUs; also its weight against other processes) and the memory limit `testbed_memory_mb`;
+    the sshd joins them before it starts, so every SSH session and whatever it starts inherits
+    them;
   - a tbf limit of `testbed_bandwidth_mbit` on both ends of its link (each direction).
 
 Everything `lab up` makes is listed in the lab directory's `state.json` *before* it is made,
@@ -40,7 +41,11 @@ from testbed.errors import TestbedError
 from testbed.inventory import Host, load_inventory
 
 CGROUPS = Path("/sys/fs/cgroup")
-PERIOD_US = 100_000  # the CFS period; a host's quota is testbed_cpu periods' worth of CPU time
+# The CFS period.  Short, so that a host with a quarter of a CPU is slow evenly at the scale of
+# one transformer layer (milliseconds), rather than at full speed for 25 ms and then stopped
+# for 75 ms, as under the kernel's default 100 ms; the kernel's smallest quota is 1 ms.
+PERIOD_US = 10_000
+MIN_CPU = 1_000 / PERIOD_US
 TOOLS = {"ip": "iproute2", "tc": "iproute2", "sshd": "openssh-server", "ssh-keygen": "openssh-client"}
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # where sshd and ip live, often outside a user's PATH
 LAB_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,11}")  # `tb-NAME` names an interface: 15 characters at most
@@ -100,7 +105,7 @@ class LabState:
     hosts: list[LabHost]
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)  # in the root namespace
-    cgroups: list[str] = field(default_factory=list)  # directories, parents first
+    cgroups: list[str] = field(default_factory=list)  # directories
     paths: list[str] = field(default_factory=list)  # files and directories made outside `dir`
     pids: dict[str, int] = field(default_factory=dict)  # each host's sshd
 
@@ -182,12 +187,12 @@ def lab_host(h: Host, index: int, lab: str, subnet: ipaddress.IPv4Network, where
         raise TestbedError(f"{at}: ansible_host {address} must be in testbed_lab_subnet {subnet}, and neither "
                            f"its first ({subnet[1]}: this machine's) nor its network or broadcast address")
     cls = CLASSES.get(h.profile)
-    cpu = lab_number(h.vars, "testbed_cpu", at, None, os.cpu_count() or 1)
+    cpu = lab_number(h.vars, "testbed_cpu", at, None, MIN_CPU, os.cpu_count() or 1)
     memory = h.memory_mb or (cls.memory_mb if cls else 0)
     if memory < MIN_MEMORY_MB:
         raise TestbedError(f"{at}: testbed_memory_mb {memory:g}: a lab host needs at least {MIN_MEMORY_MB} "
                            f"(give testbed_memory_mb, or a testbed_profile whose budget it takes)")
-    bandwidth = lab_number(h.vars, "testbed_bandwidth_mbit", at, cls.bandwidth_mbit if cls else None, 100_000)
+    bandwidth = lab_number(h.vars, "testbed_bandwidth_mbit", at, cls.bandwidth_mbit if cls else None, 0.01, 100_000)
     user = h.user or "root"
     try:
         pwd.getpwnam(user)
@@ -197,14 +202,14 @@ def lab_host(h: Host, index: int, lab: str, subnet: ipaddress.IPv4Network, where
     return LabHost(h.name, str(address), h.port, user, cpu, memory, bandwidth, f"tb-{lab}-{h.name}", f"tb-h{index}")
 
 
-def lab_number(v: dict[str, Any], key: str, at: str, default: float | None, most: float) -> float:
+def lab_number(v: dict[str, Any], key: str, at: str, default: float | None, least: float, most: float) -> float:
     value = v.get(key, default)
     if value is None:
         raise TestbedError(f"{at}: {key} is not set (a lab host needs it)")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TestbedError(f"{at}: {key} must be a number, got {value!r}")
-    if not 0 < value <= most:
-        raise TestbedError(f"{at}: {key} {value:g} must be above 0 and at most {most:g}")
+    if not least <= value <= most:
+        raise TestbedError(f"{at}: {key} {value:g} must be between {least:g} and {most:g}")
     return float(value)
 
 
@@ -249,15 +254,12 @@ def link_exists(name: str) -> bool:
     return sh("ip", "link", "show", "dev", name, check=False).returncode == 0
 
 
-def lab_cgroups(lab: str) -> tuple[Path, Path]:
-    """The lab's cpu and memory cgroups, which hold one per host."""
-    return CGROUPS / "cpu" / "testbed" / lab, CGROUPS / "memory" / "testbed" / lab
+def cgroup_dirs(host: LabHost) -> tuple[Path, Path]:
+    """The host's cpu and memory cgroups, named as its namespace.
 
-
-def cgroup_dirs(lab: str, host: str) -> tuple[Path, Path]:
-    """The host's cpu and memory cgroups."""
-    cpu, memory = lab_cgroups(lab)
-    return cpu / host, memory / host
+    At the top of each hierarchy, not under a common parent: a parent would make all of a lab's
+    hosts weigh as one process against the machine's others."""
+    return CGROUPS / "cpu" / host.netns, CGROUPS / "memory" / host.netns
 
 
 def alive(pid: int) -> bool:
@@ -319,7 +321,7 @@ def check_free(spec: LabSpec) -> None:
         if dst != "default" and ipaddress.ip_network(dst, strict=False).overlaps(spec.subnet):
             raise TestbedError(f"testbed_lab_subnet {spec.subnet} overlaps {dst} on {route.get('dev')}: "
                                f"choose another subnet")
-    for d in lab_cgroups(spec.name):
+    for d in (d for h in spec.hosts for d in cgroup_dirs(h)):
         if d.exists():
             raise TestbedError(f"cgroup {d} exists (left by a lab whose state is lost? rmdir it)")
 
@@ -388,12 +390,11 @@ def tbf_options(mbit: float) -> list[str]:
 
 
 def limit_host(spec: LabSpec, host: LabHost, state: LabState) -> tuple[Path, Path]:
-    cpu, memory = cgroup_dirs(spec.name, host.name)
+    cpu, memory = cgroup_dirs(host)
     for d in (cpu, memory):
-        for p in (d.parent.parent, d.parent, d):  # testbed/, testbed/LAB/, testbed/LAB/HOST/
-            if not p.exists():
-                state.record("cgroups", str(p))
-                p.mkdir(exist_ok=True)  # testbed/ may come from another lab at the same moment
+        state.record("cgroups", str(d))
+        d.mkdir()
+    (cpu / "cpu.shares").write_text(str(max(2, round(1024 * host.cpu))))  # 1024: one ordinary process
     (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
     (cpu / "cpu.cfs_quota_us").write_text(str(round(host.cpu * PERIOD_US)))
     limit = str(int(host.memory_mb * 2**20))
@@ -507,7 +508,7 @@ def down(state: LabState) -> Teardown:
     for link in state.links:
         if link_exists(link):
             sh("ip", "link", "del", link)
-    for d in reversed(state.cgroups):
+    for d in state.cgroups:
         done.cgroups += remove_cgroup(Path(d))
     paths = [Path(p) for p in reversed(state.paths)]
     for p in paths:
@@ -524,7 +525,7 @@ def lab_pids(state: LabState) -> set[int]:
     """Every process in the lab's cgroups or namespaces: sshd, sessions and all they started."""
     pids = set()
     for h in state.hosts:
-        for d in cgroup_dirs(state.name, h.name):
+        for d in cgroup_dirs(h):
             try:
                 pids |= {int(p) for p in (d / "cgroup.procs").read_text().split()}
             except FileNotFoundError:
@@ -562,8 +563,6 @@ def remove_cgroup(d: Path) -> int:
         except FileNotFoundError:
             return 0
         except OSError:
-            if any(p.is_dir() for p in d.iterdir()):
-                return 0  # testbed/ still holds another lab's cgroups
             time.sleep(0.05)  # the last exiting processes are still leaving it
     raise TestbedError(f"cannot remove cgroup {d}: processes remain in it")
 
@@ -578,7 +577,7 @@ def status_table(state: LabState) -> str:
              f"client key:   {state.key_file}", f"known_hosts:  {state.known_hosts}", ""]
     rows = [("host", "address", "namespace", "sshd", "cpu quota", "memory limit", "tbf rate")]
     for h in state.hosts:
-        cpu, memory = cgroup_dirs(state.name, h.name)
+        cpu, memory = cgroup_dirs(h)
         pid = state.pids.get(h.name, 0)
         rows.append((h.name, f"{h.address}:{h.port}", h.netns if h.netns in present else f"{h.netns} (missing)",
                      f"{pid} {'up' if pid and alive(pid) else 'down'}", cpu_quota(cpu), memory_limit(memory),

@@ -39,8 +39,9 @@ def lab_test(fn):
 # A subnet and names of this test run's own, so that another lab on the machine does not clash.
 SUBNET, SUBNET_C, SUBNET_F = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (213, 214, 215))
 NAME = f"t{os.getpid() % 100000}"
-# Pure Python, about 0.1-0.3 s of one CPU: it prints the seconds its loop took.
-CPU_LOOP = "import time; t = time.perf_counter(); sum(i * i for i in range(4_000_000)); print(time.perf_counter() - t)"
+# Pure Python, about 0.1-0.3 s of one CPU: it prints the wall and CPU seconds its loop took.
+CPU_LOOP = ("import time; t, c = time.perf_counter(), time.process_time(); sum(i * i for i in range(4_000_000)); "
+            "print(time.perf_counter() - t, time.process_time() - c)")
 
 
 def inventory(path: Path, hosts: str, subnet: str = SUBNET) -> Path:
@@ -82,7 +83,7 @@ def leftovers(state: lab.LabState, pids: list[int]) -> list[str]:
     """Whatever of the lab still exists."""
     found = [f"namespace {ns}" for ns in state.netns if ns in lab.namespaces()]
     found += [f"link {link}" for link in state.links if lab.link_exists(link)]
-    found += [f"cgroup {d}" for c in lab.lab_cgroups(state.name) for d in [c] if d.exists()]
+    found += [f"cgroup {d}" for h in state.hosts for d in lab.cgroup_dirs(h) if d.exists()]
     found += [f"process {pid}" for pid in pids if lab.alive(pid)]  # this VM's init leaves zombies: not alive
     found += [f"path {p}" for p in [state.dir, state.key_file, state.known_hosts, *state.paths] if Path(p).exists()]
     return found
@@ -96,7 +97,7 @@ def test_each_host_answers_over_ssh_in_its_own_namespace_and_cgroups(two_hosts, 
     assert out[0] == host
     assert out[1] == f"net:[{os.stat(f'/run/netns/{h.netns}').st_ino}]"
     cgroups = dict(line.split(":")[1:] for line in out[2:])  # "4:memory:/path" -> {"memory": "/path"}
-    assert cgroups["cpu"] == cgroups["memory"] == f"/testbed/{NAME}/{host}"
+    assert cgroups["cpu"] == cgroups["memory"] == f"/{h.netns}"
 
 
 @lab_test
@@ -121,10 +122,10 @@ def test_only_the_lab_key_logs_in_and_only_known_host_keys_are_accepted(two_host
 
 @lab_test
 def test_cgroups_hold_the_quota_and_the_memory_limit(two_hosts):
-    for name, quota, mb in (("quarter", 25_000, 512), ("whole", 100_000, 768)):
-        cpu, memory = lab.cgroup_dirs(NAME, name)
-        assert int((cpu / "cpu.cfs_period_us").read_text()) == 100_000
-        assert int((cpu / "cpu.cfs_quota_us").read_text()) == quota
+    for name, cpus, mb in (("quarter", 0.25, 512), ("whole", 1.0, 768)):
+        cpu, memory = lab.cgroup_dirs(two_hosts.host(name))
+        period = int((cpu / "cpu.cfs_period_us").read_text())
+        assert int((cpu / "cpu.cfs_quota_us").read_text()) == cpus * period
         assert int((memory / "memory.limit_in_bytes").read_text()) == mb * 2**20
         if (memory / "memory.memsw.limit_in_bytes").exists():
             assert int((memory / "memory.memsw.limit_in_bytes").read_text()) == mb * 2**20
@@ -152,15 +153,32 @@ def test_hosts_reach_each_other_and_nothing_outside_the_lab(two_hosts):
     assert rc != 0 and "unreachable" in err
 
 
-@lab_test
-def test_the_cpu_quota_is_enforced(two_hosts):
-    """The same pure-Python loop on a host with a quarter of a CPU and on one with a whole CPU."""
-    def seconds(host: str) -> float:
-        return min(float(remote(two_hosts, host, f"{sys.executable} -c '{CPU_LOOP}'")) for _ in range(2))
+def cpu_loop(state: lab.LabState, host: str) -> tuple[float, float, int]:
+    """Wall and CPU seconds of CPU_LOOP on the host, and how often the kernel throttled it meanwhile."""
+    stat = lab.cgroup_dirs(state.host(host))[0] / "cpu.stat"
+    before = int(stat.read_text().split("nr_throttled ")[1].split()[0])
+    wall, cpu = map(float, remote(state, host, f"{sys.executable} -c '{CPU_LOOP}'").split())
+    return wall, cpu, int(stat.read_text().split("nr_throttled ")[1].split()[0]) - before
 
-    whole, quarter = seconds("whole"), seconds("quarter")
+
+@lab_test
+def test_the_quota_caps_the_cpu_a_host_gets(two_hosts):
+    """Whatever else runs on this machine, a quarter host never gets more than a quarter of a CPU."""
+    wall, cpu, throttled = cpu_loop(two_hosts, "quarter")
+    assert cpu / wall < 0.3 and throttled > 0, (wall, cpu, throttled)
+
+
+@lab_test
+def test_a_quarter_cpu_host_is_clearly_slower_than_a_whole_cpu_host(two_hosts):
+    """The same loop on each, in turns, best of three.  On a busy machine both slow down alike:
+    each host's weight against other processes follows its CPUs, as its quota does."""
+    runs = {"whole": [], "quarter": []}
+    for _ in range(3):
+        for host in runs:
+            runs[host].append(cpu_loop(two_hosts, host)[0])
+    quarter, whole = min(runs["quarter"]), min(runs["whole"])
     print(f"loop: {quarter:.3f} s at 0.25 CPU, {whole:.3f} s at 1 CPU: ratio {quarter / whole:.2f}")
-    assert quarter / whole > 2, (quarter, whole)
+    assert quarter / whole > 2, runs
 
 
 @lab_test
@@ -237,7 +255,7 @@ def test_the_shipped_lab_inventory_describes_four_hosts_in_the_project():
 
 BAD = {
     "no cpu": ("    h: {ansible_host: 10.9.0.5}\n", "host h: testbed_cpu is not set"),
-    "cpu zero": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: 0}\n", "host h: testbed_cpu 0 must be above 0"),
+    "cpu zero": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: 0}\n", "host h: testbed_cpu 0 must be between 0.1 and"),
     "cpu text": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: fast}\n", "host h: testbed_cpu must be a number"),
     "too many cpus": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: 999}\n", "host h: testbed_cpu 999 must be"),
     "a name": ("    h: {ansible_host: lab-h, testbed_cpu: 1}\n", "host h: ansible_host 'lab-h' is not an IPv4"),
@@ -248,7 +266,7 @@ BAD = {
     "little memory": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: 1, testbed_memory_mb: 10}\n",
                       "host h: testbed_memory_mb 10: a lab host needs at least 64"),
     "bandwidth": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: 1, testbed_bandwidth_mbit: -3}\n",
-                  "host h: testbed_bandwidth_mbit -3 must be above 0"),
+                  "host h: testbed_bandwidth_mbit -3 must be between"),
     "user": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: 1, ansible_user: no-such-user}\n",
              "host h: ansible_user 'no-such-user' is not a user"),
     "two subnets": ("    h: {ansible_host: 10.9.0.5, testbed_cpu: 1, testbed_lab_subnet: 10.10.0.0/24}\n"
