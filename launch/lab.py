@@ -139,6 +139,8 @@ def lab_spec(inventory: str | Path, name: str | None = None, directory: str | No
         raise TestbedError(f"lab name {name!r}: at most 12 of a-z, 0-9 and '-' (it names an interface); "
                            f"give --name")
     subnet_text = common_var(hosts, "testbed_lab_subnet", where)
+    if not subnet_text:
+        raise TestbedError(f"{where}: testbed_lab_subnet is not set (the lab network, e.g. 10.77.0.0/24)")
     try:
         subnet = ipaddress.IPv4Network(subnet_text)
     except ValueError:
@@ -164,10 +166,7 @@ def common_var(hosts: list[Host], var: str, where: str) -> str:
     values = {str(h.vars.get(var, "")) for h in hosts}
     if len(values) > 1:
         raise TestbedError(f"{where}: {var} differs between hosts; a lab has one (set it under all: vars)")
-    value = values.pop()
-    if var == "testbed_lab_subnet" and not value:
-        raise TestbedError(f"{where}: testbed_lab_subnet is not set (the lab network, e.g. 10.77.0.0/24)")
-    return value
+    return values.pop()
 
 
 def as_path(text: str) -> Path:
@@ -338,7 +337,7 @@ def outside(state: LabState, path: Path) -> bool:
     return not path.is_relative_to(state.dir)
 
 
-def make_file_place(state: LabState, path: Path) -> None:
+def record_outside(state: LabState, path: Path) -> None:
     """Record a file about to be made outside the lab directory, and any directory it needs."""
     if outside(state, path):
         for d in make_dirs(path.parent):
@@ -350,8 +349,8 @@ def make_client_key(spec: LabSpec, state: LabState) -> None:
     """The key every host accepts; a key the inventory names and that exists already is used as is."""
     key = spec.key_file
     if not key.exists():
-        make_file_place(state, key)
-        make_file_place(state, key.with_name(key.name + ".pub"))
+        record_outside(state, key)
+        record_outside(state, key.with_name(key.name + ".pub"))
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"testbed-lab-{spec.name}", "-f", str(key))
     public = sh("ssh-keygen", "-y", "-f", str(key)).stdout
     (spec.dir / "authorized_keys").write_text(public)
@@ -473,7 +472,7 @@ def write_known_hosts(spec: LabSpec, state: LabState) -> None:
         kind, blob = (spec.dir / "hosts" / host.name / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         pattern = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
         lines.append(f"{pattern} {kind} {blob}\n")
-    make_file_place(state, spec.known_hosts)
+    record_outside(state, spec.known_hosts)
     spec.known_hosts.write_text("".join(lines))
 
 
@@ -603,7 +602,10 @@ def memory_limit(d: Path) -> str:
 
 
 def tbf_rate(netns: str) -> str:
-    qdiscs = json.loads(sh("tc", "-n", netns, "-j", "qdisc", "show", "dev", "tb0", check=False).stdout or "[]")
+    proc = sh("tc", "-n", netns, "-j", "qdisc", "show", "dev", "tb0", check=False)
+    if proc.returncode:
+        return "?"  # entering a namespace takes root
+    qdiscs = json.loads(proc.stdout or "[]")
     rates = [q["options"]["rate"] for q in qdiscs if q.get("kind") == "tbf"]
     return f"{rates[0] * 8 / 1e6:g} mbit" if rates else "none"
 

@@ -290,3 +290,10 @@ def test_a_lab_name_must_fit_an_interface_name(tmp_path):
                     subnet="10.9.0")
     with pytest.raises(TestbedError, match="at most 12 of a-z"):
         lab.lab_spec(inv)
+
+
+def test_a_lab_needs_a_subnet(tmp_path):
+    inv = tmp_path / "nosubnet.yaml"
+    inv.write_text("all:\n  hosts:\n    h: {ansible_host: 10.9.0.5, testbed_cpu: 1}\n")
+    with pytest.raises(TestbedError, match=r"nosubnet.yaml: testbed_lab_subnet is not set"):
+        lab.lab_spec(inv)
