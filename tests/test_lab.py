@@ -71,6 +71,7 @@ def two_hosts(tmp_path_factory):
     state = lab.up(lab.lab_spec(inventory(d / "two.yaml", TWO_HOSTS), NAME, str(d / "lab")))
     yield state
     lab.down(state)
+    assert leftovers(state, list(state.pids.values())) == []
 
 
 def remote(state: lab.LabState, host: str, command: str) -> str:
@@ -129,6 +130,16 @@ def test_cgroups_hold_the_quota_and_the_memory_limit(two_hosts):
         assert int((memory / "memory.limit_in_bytes").read_text()) == mb * 2**20
         if (memory / "memory.memsw.limit_in_bytes").exists():
             assert int((memory / "memory.memsw.limit_in_bytes").read_text()) == mb * 2**20
+
+
+@lab_test
+def test_the_memory_limit_is_enforced(two_hosts):
+    """512 MB on `quarter`: 200 MB fit, 700 MB written are killed by the cgroup's OOM killer."""
+    fill = f"{sys.executable} -c 'b = bytes(1) * ({{}} * 2**20); print(len(b))'"
+    assert lab.run_on(two_hosts, "quarter", fill.format(200))[0] == 0
+    rc, _, _ = lab.run_on(two_hosts, "quarter", fill.format(700))
+    memory = lab.cgroup_dirs(two_hosts.host("quarter"))[1]
+    assert rc != 0 and "oom_kill 1" in (memory / "memory.oom_control").read_text()
 
 
 @lab_test
