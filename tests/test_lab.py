@@ -237,6 +237,21 @@ def test_a_failed_up_rolls_back(tmp_path, monkeypatch):
 
 
 @lab_test
+def test_down_cleans_up_after_up_itself_crashed(tmp_path):
+    inv = inventory(tmp_path / "one.yaml", f"    solo: {{ansible_host: {SUBNET_F}.40, testbed_cpu: 0.5}}\n",
+                    subnet=SUBNET_F)
+    # `lab up` dies without a chance to roll back, after everything but known_hosts exists
+    crash = ("import os, sys; from launch import lab; lab.write_known_hosts = lambda *_: os._exit(3); "
+             "lab.up(lab.lab_spec(*sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", crash, str(inv), f"{NAME}k", str(tmp_path / "lab")], cwd=ROOT)
+    assert proc.returncode == 3
+    state = lab.load_state(tmp_path / "lab")
+    assert state.netns[-1] in lab.namespaces() and lab.alive(state.pids["solo"])
+    assert main(["lab", "down", "--dir", str(tmp_path / "lab")]) == 0
+    assert leftovers(state, list(state.pids.values())) == []
+
+
+@lab_test
 def test_a_missing_tool_is_named_with_its_package(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(lab, "SBIN", str(tmp_path))
