@@ -86,7 +86,7 @@ def leftovers(state: lab.LabState, pids: list[int]) -> list[str]:
     found = [f"namespace {ns}" for ns in state.netns if ns in lab.namespaces()]
     found += [f"link {link}" for link in state.links if lab.link_exists(link)]
     found += [f"cgroup {d}" for h in state.hosts for d in lab.cgroup_dirs(h) if d.exists()]
-    found += [f"process {pid}" for pid in pids if lab.alive(pid)]  # this VM's init leaves zombies: not alive
+    found += [f"process {pid}" for pid in pids if lab.alive(pid)]  # a zombie (init may not reap) is not alive
     found += [f"path {p}" for p in [state.dir, state.key_file, state.known_hosts, *state.paths] if Path(p).exists()]
     return found
 
