@@ -1,17 +1,17 @@
 """Does the emulated lab's CPU quota slow a device as a slower device would be slow?
 
 Brings up a two-host lab (`quarter`: 0.25 CPU, `whole`: 1 CPU; 3 GB each), runs
-`testbed profile --model minilm --threads 1 --ranks 8` inside each host over SSH, one host after
-the other, and compares the measured per-layer seconds of a training step (forward with LoRA
+`testbed profile --model minilm --threads 1 --ranks 8` inside both hosts over SSH at the same
+time (so that both see the same load from the rest of the machine), and compares the measured per-layer seconds of a training step (forward with LoRA
 plus backward, at rank 8): a quota of a quarter CPU should make each layer about 4x slower.
 The lab is torn down afterwards, also on failure.  Needs root (namespaces and cgroups).
 --quick: batch 8 x 32 tokens instead of 16 x 64.  One JSON object on the last line.
 
-Other processes on this machine compete for its CPUs: they can slow the 1-CPU host (which then
-gets less than its quota allows) more than the quarter host, which never gets more than a
-quarter; contention therefore pulls the ratio below 4.  `cpu_received` says how much of a CPU
-each host got on average while it profiled (CPU seconds of the profiler over wall seconds,
-start-up included).
+Other processes on this machine compete for its CPUs.  A host's weight against them follows
+its CPUs (cpu.shares), so contention slows both hosts alike, but not exactly: the quarter host
+runs alone for the last three quarters of its profile, and load changes meanwhile.
+`cpu_received` says how much of a CPU each host got on average while it profiled (CPU seconds
+of the profiler over wall seconds, start-up included): under 1 for `whole` means contention.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +78,9 @@ def main() -> None:
         (Path(tmp) / "bench.yaml").write_text(INVENTORY)
         state = lab.up(lab.lab_spec(Path(tmp) / "bench.yaml", "tbbench", str(Path(tmp) / "lab")))
         try:
-            measured = {host: profile_on(state, host, args.quick) for host in HOSTS}
+            with ThreadPoolExecutor(len(HOSTS)) as pool:
+                futures = {host: pool.submit(profile_on, state, host, args.quick) for host in HOSTS}
+                measured = {host: f.result() for host, f in futures.items()}
         finally:
             lab.down(state)
     profiles = {host: p for host, (p, _) in measured.items()}
