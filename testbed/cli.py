@@ -53,6 +53,16 @@ def parser() -> argparse.ArgumentParser:
     hf = sub.add_parser("hostfile", help="print an Open MPI hostfile for an inventory (aggregator first)")
     hf.add_argument("-i", "--inventory", required=True, help="inventory: YAML, INI, or ansible-inventory --list JSON")
     hf.set_defaults(func=cmd_hostfile)
+    lab = sub.add_parser("lab", help="the emulated lab: each inventory host a network namespace, sshd and cgroup here")
+    actions = lab.add_subparsers(required=True, metavar="ACTION")
+    for action, text in (("up", "build the lab an inventory describes (root)"),
+                         ("down", "remove everything the lab made (root)"),
+                         ("status", "show what of the lab exists")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument("-i", "--inventory", required=action == "up", help="the lab's inventory")
+        a.add_argument("--name", help="lab name (default: the inventory's file name without suffix)")
+        a.add_argument("--dir", help="lab directory (default: .lab/NAME)")
+        a.set_defaults(func=cmd_lab, action=action)
     return p
 
 
@@ -130,6 +140,31 @@ def cmd_hostfile(args: argparse.Namespace) -> int:
     from testbed.inventory import hostfile, load_inventory
 
     print(hostfile(load_inventory(args.inventory)), end="")
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from launch import lab
+
+    if args.action == "up":
+        state = lab.up(lab.lab_spec(args.inventory, args.name, args.dir))
+        print(lab.status_table(state), end="")
+        print(f"testbed: lab {state.name} is up; `testbed lab down --dir {state.dir}` removes it", file=sys.stderr)
+        return 0
+    if not (args.inventory or args.name or args.dir):
+        raise TestbedError(f"lab {args.action}: name the lab with -i INVENTORY, --name or --dir")
+    directory = lab.lab_dir(args.name or Path(args.inventory or ".").stem, args.dir)
+    state = lab.load_state(directory)
+    if state is None:
+        print(f"testbed: no lab in {directory}", file=sys.stderr)
+        return 0
+    if args.action == "status":
+        print(lab.status_table(state), end="")
+        return 0
+    lab.check_machine("down")
+    done = lab.down(state)
+    print(f"testbed: lab {state.name} down: ended {done.processes} processes, removed {done.namespaces} "
+          f"namespaces, {done.cgroups} cgroups and {state.dir}", file=sys.stderr)
     return 0
 
 
