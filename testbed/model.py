@@ -379,7 +379,8 @@ def hold(bb: Backbone, layers: list[int], blocks: dict[int, str] | None = None) 
         sd = {k[len(prefixes[key]):]: t for k, t in tensors.items() if k.startswith(prefixes[key])}
         dtype = next(module.parameters()).dtype
         try:
-            module.load_state_dict({k: t.to(dtype) for k, t in sd.items()}, strict=True, assign=True)
+            # A copy: safetensors' tensors alias a mapping of the whole file, which must not outlive the read.
+            module.load_state_dict({k: t.to(dtype, copy=True) for k, t in sd.items()}, strict=True, assign=True)
         except RuntimeError as exc:
             raise TestbedError(f"model: the checkpoint does not fit layer {key[0]}'s {key[1]}: "
                                f"{str(exc).splitlines()[0]}") from None

@@ -6,7 +6,7 @@ layer may run only one of them).  Every `regroup_every` rounds the units are pro
 server on a small proxy batch of the global model (`cka: server`: spares small devices a
 full-model pass), or by the devices on rows of their own data, sent with their updates and
 averaged by samples (`cka: device`: used from the next round; before any arrives, the kept
-units are spread evenly, the deepest of each of K equal segments).  For each device, K = the
+units are drawn at random).  For each device, K = the
 most units whose selected submodel the cost model says fits its memory budget; the units are
 partitioned into K groups by the linear CKA of their outputs (contiguous segments cut where
 adjacent units are least alike, or agglomerative graph clustering), and one unit per group
@@ -108,10 +108,8 @@ class FedPruner(Strategy):
         n = len(self.units)
         if k >= n:
             return list(self.units)
-        if self.opts.selection == "random":
+        if self.opts.selection == "random" or self.probe is None:  # None: no device has probed yet
             return [self.units[u] for u in sorted(self.rng.sample(range(n), k))]
-        if self.probe is None:  # devices have not probed yet: the deepest unit of K equal segments
-            return [self.units[(i + 1) * n // k - 1] for i in range(k)]
         split = contiguous_groups if self.opts.grouping == "contiguous" else graph_groups
         score = self.probe.importance[self.opts.importance]
         kept = []
