@@ -348,7 +348,7 @@ class LayerStore:
 
         out = {}
         for file in sorted({self.files[k] for k in keys}):
-            with safe_open(file, "pt") as f:  # closed at once: no mapped pages stay resident
+            with safe_open(file, "pt") as f:
                 out.update({k: f.get_tensor(k) for k in keys if self.files[k] == file})
         return out
 
@@ -373,16 +373,16 @@ def hold(bb: Backbone, layers: list[int], blocks: dict[int, str] | None = None) 
                 released = True
     if released:
         release_freed()
-    prefixes = {(l, child): f"{bb.store.prefix}.{l}.{child}." for l, child in load}
-    tensors = bb.store.read([k for k in bb.store.files if any(k.startswith(p) for p in prefixes.values())])
-    for key, module in load.items():
-        sd = {k[len(prefixes[key]):]: t for k, t in tensors.items() if k.startswith(prefixes[key])}
+    for (l, child), module in load.items():  # one child at a time: the transient copy stays small
+        prefix = f"{bb.store.prefix}.{l}.{child}."
+        tensors = bb.store.read([k for k in bb.store.files if k.startswith(prefix)])
         dtype = next(module.parameters()).dtype
         try:
             # A copy: safetensors' tensors alias a mapping of the whole file, which must not outlive the read.
-            module.load_state_dict({k: t.to(dtype, copy=True) for k, t in sd.items()}, strict=True, assign=True)
+            module.load_state_dict({k[len(prefix):]: t.to(dtype, copy=True) for k, t in tensors.items()},
+                                   strict=True, assign=True)
         except RuntimeError as exc:
-            raise TestbedError(f"model: the checkpoint does not fit layer {key[0]}'s {key[1]}: "
+            raise TestbedError(f"model: the checkpoint does not fit layer {l}'s {child}: "
                                f"{str(exc).splitlines()[0]}") from None
         module.requires_grad_(False)
 

@@ -74,7 +74,7 @@ class LayerProbe:
 class Report:
     """What a device measured during its round."""
 
-    compute_s: float = 0.0  # seconds of local training (wall)
+    compute_s: float = 0.0  # seconds of local work: the probe, if asked, and training (wall)
     step_s: float = 0.0  # median seconds per training step (wall)
     peak_train_mem_mb: float = 0.0  # counted training footprint (see testbed.memory)
     peak_rss_mb: float = 0.0  # process peak resident set size

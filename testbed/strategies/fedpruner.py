@@ -96,13 +96,13 @@ class FedPruner(Strategy):
     def submodel(self, device: str) -> Plan:
         """The plan keeping the most units whose selected submodel fits the device (at least one)."""
         dev = self.ctx.devices[device]
-        for k in range(len(self.units), 0, -1):
+        for k in range(len(self.units), 1, -1):
             rng_state = self.rng.getstate()
             plan = self.plan_of(self.choose(k))
-            if k == 1 or self.ctx.cost.fits(dev, plan):
+            if self.ctx.cost.fits(dev, plan):
                 return plan
             self.rng.setstate(rng_state)  # a submodel that does not fit draws nothing
-        raise AssertionError("unreachable")
+        return self.plan_of(self.choose(1))
 
     def choose(self, k: int) -> list[Unit]:
         n = len(self.units)
