@@ -1,19 +1,24 @@
 """The device side: turns a Plan and the LoRA it needs into an Update.
 
 The agent is the same object under every transport; only how its inputs arrive
-and its Update leaves differs.
+and its Update leaves differs.  Before it trains, it makes resident exactly the layers (and
+blocks) its plan runs: on a backbone with a layer store (a dist agent) pruned layers are then
+not in memory at all.  Peak RSS is measured per round.
 """
 from __future__ import annotations
 
+import random
+import time
 import zlib
 
 from agents.trainer import train_plan
 from testbed.config import ExperimentConfig
 from testbed.data import Shard, Tokens
 from testbed.evaluate import evaluate
-from testbed.memory import peak_cuda_mb, peak_rss_mb
-from testbed.model import Backbone, init_lora, model_info
-from testbed.plan import HeadState, LoraState, Plan, Report, Update
+from testbed.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
+from testbed.model import Backbone, hold, init_lora, model_info
+from testbed.plan import HeadState, LayerProbe, LoraState, Plan, Report, Update
+from testbed.probe import probe_layers
 
 
 class Agent:
@@ -28,29 +33,44 @@ class Agent:
         self.personal: LoraState = {}  # layers whose LoRA stays here (PTLS)
 
     def run(self, round: int, plan: Plan, lora: LoraState, head: HeadState) -> Update:
+        reset_peak_rss()
         lora = {**lora, **self._personal_layers(plan)}
         seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
+        probe, probe_s = self._probe(plan, lora, head, seed)
+        hold(self.bb, plan.resident(self.bb.num_layers), plan.blocks)
         before = self._validate(plan, lora, head)
         res = train_plan(self.bb, plan, lora, head, self.tokens, self.shard.train,
                          self.cfg.model.lora, self.cfg.train, seed, self.budget_mb)
         after = self._validate(plan, res.lora, res.head)
         shared = set(plan.shared(self.bb.num_layers))
         self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
-        report = Report(compute_s=res.compute_s, step_s=res.step_s,
+        report = Report(compute_s=probe_s + res.compute_s, step_s=res.step_s,
                         peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda_mb(),
                         val_accuracy_before=before["accuracy"], val_accuracy=after["accuracy"],
                         val_loss_before=before["loss"], val_loss=after["loss"])
         return Update(device=self.device, round=round,
                       lora={l: t for l, t in res.lora.items() if l in shared}, head=res.head,
                       samples=len(self.shard.train), active_steps=res.active_steps,
-                      steps=plan.local_steps, loss=res.loss, report=report)
+                      steps=plan.local_steps, loss=res.loss, report=report, probe=probe)
+
+    def _probe(self, plan: Plan, lora: LoraState, head: HeadState, seed: int) -> tuple[LayerProbe | None, float]:
+        """When the plan asks: the whole model (every layer resident for the while) probed on
+        rows of this device's own data, with the LoRA the device holds; and the seconds it took."""
+        if not plan.probe_rows:
+            return None, 0.0
+        start = time.perf_counter()
+        rows = random.Random(seed).sample(self.shard.train, min(plan.probe_rows, len(self.shard.train)))
+        hold(self.bb, list(range(self.bb.num_layers)))
+        probe = probe_layers(self.bb, lora, head, self.tokens.take(sorted(rows)), self.cfg.model.lora,
+                             plan.probe_blocks)
+        return probe, time.perf_counter() - start
 
     def _validate(self, plan: Plan, lora: LoraState, head: HeadState) -> dict[str, float]:
-        """This device's model (all layers, no dropout) on its own validation split."""
+        """This device's model (its layers and blocks, no dropout) on its own validation split."""
         if not plan.validate or not self.shard.val:
             return {"accuracy": 0.0, "loss": 0.0}
         return evaluate(self.bb, lora, head, self.tokens, self.cfg.model.lora, self.cfg.train.eval_batch_size,
-                        self.shard.val)
+                        self.shard.val, plan.resident(self.bb.num_layers), plan.blocks)
 
     def _personal_layers(self, plan: Plan) -> LoraState:
         """This device's own factors for its personal layers, started like the global ones."""

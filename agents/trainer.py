@@ -9,10 +9,11 @@ import torch
 
 from testbed.config import LoraConfig, TrainConfig
 from testbed.data import Tokens
+from testbed.errors import TestbedError
 from testbed.memory import MB, SavedTensorCounter, training_footprint
 from testbed.model import (Backbone, freeze_lora, get_head, get_lora, lora_applied, running_layers, set_head,
                            set_lora)
-from testbed.plan import HeadState, LoraState, Plan
+from testbed.plan import BOTH, HeadState, LoraState, Plan
 
 
 class OutOfMemory(Exception):
@@ -51,6 +52,9 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
     torch.manual_seed(seed)  # model dropout
     resident = plan.resident(bb.num_layers)
     ranks = {l: plan.ranks.get(l, 0) for l in resident}
+    for l in plan.adapted(bb.num_layers):  # LoRA in a block that does not run would never train
+        if plan.block(l) != BOTH and any(bb.block_of(m) != plan.block(l) for m in bb.modules[l]):
+            raise TestbedError(f"plan: layer {l} carries LoRA outside its {plan.block(l)} block, which alone runs")
     active_steps = {l: 0 for l in resident}
     losses, times, saved = [], [], []
     with lora_applied(bb, ranks, lora_cfg) as model:
@@ -64,13 +68,13 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
         opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=train_cfg.weight_decay)
         model.train()
         counter = SavedTensorCounter(model)
-        with running_layers(bb, resident):  # pruned layers are not part of the device's model
+        with running_layers(bb, resident, plan.blocks):  # pruned layers and blocks are not part of the model
             fixed = training_footprint(model, 0)
         start = time.perf_counter()
         for batch in batches(indices, plan.local_steps, plan.batch_size, gen):
             t0 = time.perf_counter()
             keep = [l for l in resident if torch.rand((), generator=gen).item() >= plan.drop.get(l, 0.0)]
-            with running_layers(bb, keep), counter:
+            with running_layers(bb, keep, plan.blocks), counter:
                 loss = model(**tokens.take(batch)).loss
             loss.backward()
             opt.step()

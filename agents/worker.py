@@ -13,6 +13,7 @@ from testbed.config import ExperimentConfig
 from testbed.dist import PROBES, hosts, recv_bytes, send_bytes
 from testbed.errors import TestbedError
 from testbed.experiment import Experiment, setup
+from testbed.model import hold
 from testbed.profiler import profile_device
 from testbed.wire import Message, WireError, pack, read_plan, unpack, update_message
 
@@ -20,7 +21,7 @@ log = logging.getLogger("testbed.agent")
 
 
 def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
-    exp = setup(cfg)
+    exp = setup(cfg, agent=True)  # layers are read when a plan runs them
     mine = [d for d, r in hosts(list(exp.devices), agents).items() if r == rank]
     local = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d], exp.devices[d].memory_mb)
              for d in mine}
@@ -58,8 +59,10 @@ def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
     profile = None
     if cfg.dist.profile:
         start = time.perf_counter()
+        hold(exp.bb, list(range(exp.info.num_layers)))  # the profile times every layer; released after
         profile = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, cfg.train.batch_size,
                                  cfg.model.max_length)
+        hold(exp.bb, [])
         log.info("profiled this device in %.1f s", time.perf_counter() - start)
     hello = Message("hello", -1, "", 0, {"profile": None if profile is None else dataclasses.asdict(profile)})
     send_bytes(pack(hello, key), 0)

@@ -37,11 +37,12 @@ def make_strategy(exp: Experiment) -> Strategy:
     return cls(ctx, initial_state(exp, cls.max_rank(exp.cfg)))
 
 
-def server_probe(exp: Experiment, state: GlobalState, rows: int) -> LayerProbe:
-    """Probe the global model on a proxy batch: a fixed, seeded sample of the training rows
-    (standing in for the public data a real server would hold)."""
+def server_probe(exp: Experiment, state: GlobalState, rows: int, blocks: bool) -> LayerProbe:
+    """Probe the global model (by layer, or by block) on a proxy batch: a fixed, seeded sample
+    of the training rows (standing in for the public data a real server would hold)."""
     idx = random.Random(exp.cfg.seed).sample(range(len(exp.data.train)), min(rows, len(exp.data.train)))
-    return probe_layers(exp.bb, state.lora, state.head, exp.data.train.take(sorted(idx)), exp.cfg.model.lora)
+    return probe_layers(exp.bb, state.lora, state.head, exp.data.train.take(sorted(idx)), exp.cfg.model.lora,
+                        blocks)
 
 
 log = logging.getLogger("testbed.aggregator")

@@ -45,4 +45,21 @@ def check_update(update: Update, plan: Plan, info: ModelInfo, head: HeadState, s
         return f"step counts do not match the plan's {plan.local_steps} local steps"
     if not math.isfinite(update.loss):
         return "non-finite training loss"
+    return check_probe(update, plan, info.num_layers)
+
+
+def check_probe(update: Update, plan: Plan, num_layers: int) -> str | None:
+    """A probe exactly when the plan asked for one: U x U CKA and one finite importance per unit."""
+    if update.probe is None:
+        return "lacks the probe its plan asked for" if plan.probe_rows else None
+    if not plan.probe_rows:
+        return "sent a probe its plan did not ask for"
+    units = num_layers * (2 if plan.probe_blocks else 1)
+    probe = update.probe
+    values = [v for row in probe.cka for v in row] + [v for vs in probe.importance.values() for v in vs]
+    if probe.blocks != plan.probe_blocks or len(probe.cka) != units or set(probe.importance) != {"loss", "cosine"} \
+            or any(len(vs) != units for vs in probe.importance.values()):
+        return f"probe of the wrong units (the plan's model has {units})"
+    if not all(math.isfinite(v) for v in values):
+        return "probe with NaN or Inf"
     return None

@@ -13,6 +13,12 @@ Strategies reason about devices only through this.
   plan's rank, or without LoRA), backward only at or above the lowest trained LoRA layer, each weighted by
   the probability the layer runs, scaled linearly in tokens per step and divided by the
   device's speed factor relative to the profiled device.
+- Blocks: a layer running only its attention or only its FFN holds that block's parameters
+  and saves that block's activations (both counted on the real model); its seconds are the
+  layer's times the block's share of the layer's FLOPs (2 x parameters per token, plus the
+  attention scores' 4 x length x hidden for the attention block).
+- A device-side probe (plan.probe_rows) runs the whole model forward once, then once per unit
+  with that unit skipped, on the probe rows: charged at the profile's frozen forward times.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 from testbed.devices import Device
 from testbed.memory import Activations
 from testbed.model import ModelInfo
-from testbed.plan import HeadState, LoraState, Plan, Update
+from testbed.plan import BOTH, HeadState, LayerProbe, LoraState, Plan, Update
 from testbed.profiler import DeviceProfile
 from testbed.wire import packed_size, plan_message, update_message
 
@@ -61,9 +67,27 @@ class CostModel:
             rank = plan.ranks.get(layer, 0)
             forward = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
             backward = at_rank(p.backward_s, max(rank, 1), layer) if layer >= lowest else 0.0
-            seconds += (1 - plan.drop.get(layer, 0.0)) * (forward + backward)
+            seconds += (1 - plan.drop.get(layer, 0.0)) * (forward + backward) * self.block_share(plan.block(layer))
         tokens = plan.batch_size * self.seq_len / (p.batch_size * p.seq_len)
         return seconds * tokens / device.speed
+
+    def block_share(self, block: str) -> float:
+        """The fraction of a layer's FLOPs in `block` (1 for both)."""
+        if block == BOTH:
+            return 1.0
+        hidden = max(i for _, i in self.info.shapes.values())
+        flops = {b: 2 * n for b, n in self.info.block_params.items()}
+        flops["attn"] += 4 * self.seq_len * hidden
+        return flops[block] / sum(flops.values())
+
+    def probe_seconds(self, device: Device, plan: Plan) -> float:
+        """The device-side probe the plan asks for (0 if none)."""
+        if not plan.probe_rows:
+            return 0.0
+        p, n = self.profile, self.info.num_layers
+        passes = 1 + n * (2 if plan.probe_blocks else 1)
+        tokens = plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len)
+        return passes * (p.embed_s + sum(p.forward_frozen_s)) * tokens / device.speed
 
     def lora_params(self, plan: Plan, layers: list[int]) -> int:
         per_rank = sum(o + i for o, i in self.info.shapes.values())
@@ -88,19 +112,23 @@ class CostModel:
         """The update of a plan (its measured loss and step counts change the header by a few bytes)."""
         n = self.info.num_layers
         lora, head = self.shapes(plan, plan.shared(n))
+        units = n * (2 if plan.probe_blocks else 1)
+        probe = LayerProbe([[0.0] * units] * units, {"loss": [0.0] * units, "cosine": [0.0] * units},
+                           plan.probe_blocks) if plan.probe_rows else None
         update = Update("device", 0, lora, head, samples=1000, active_steps=dict.fromkeys(plan.resident(n), 10),
-                        steps=plan.local_steps, loss=1.2345678901234567)
+                        steps=plan.local_steps, loss=1.2345678901234567, probe=probe)
         return LENGTH_PREFIX + packed_size(update_message(update, 0), self.wire_dtype)
 
     def peak_memory_bytes(self, device: Device, plan: Plan) -> int:
-        n = self.info.num_layers
-        resident = len(plan.resident(n)) * self.info.layer_params + self.info.other_params
+        n, act = self.info.num_layers, self.activations
+        params = {BOTH: self.info.layer_params, **self.info.block_params}
+        per_layer = {BOTH: act.per_layer, **act.per_block}
+        resident = sum(params[plan.block(l)] for l in plan.resident(n)) + self.info.other_params
         lora = self.lora_params(plan, plan.trained(n))
         frozen = self.lora_params(plan, [l for l in plan.adapted(n) if l in plan.frozen])
         lowest = min(plan.trained(n), default=n)
         tokens = plan.batch_size * self.seq_len
-        saved = tokens * (self.activations.fixed
-                          + self.activations.per_layer * sum(1 for l in plan.resident(n) if l >= lowest))
+        saved = tokens * (act.fixed + sum(per_layer[plan.block(l)] for l in plan.resident(n) if l >= lowest))
         head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
         return int((resident + 4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
 
@@ -111,6 +139,6 @@ class CostModel:
         return device.latency_ms / 1000 + nbytes * 8 / (device.bandwidth_mbit * 1e6)
 
     def round_seconds(self, device: Device, plan: Plan) -> float:
-        return (plan.local_steps * self.step_seconds(device, plan)
+        return (plan.local_steps * self.step_seconds(device, plan) + self.probe_seconds(device, plan)
                 + self.transfer_seconds(device, self.bytes_down(plan))
                 + self.transfer_seconds(device, self.bytes_up(plan)))

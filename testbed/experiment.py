@@ -22,7 +22,7 @@ class Experiment:
     info: ModelInfo
     data: Dataset
     devices: dict[str, Device]
-    cost: CostModel
+    cost: CostModel | None  # None in an agent process: only the aggregator plans
 
 
 PROFILES = Path(__file__).resolve().parent.parent / "inventory" / "profiles"
@@ -39,17 +39,20 @@ def reference_profile(cfg: ModelConfig, info: ModelInfo) -> DeviceProfile:
     return analytic_profile(info, cfg.name, cfg.max_length, REFERENCE_GFLOPS)
 
 
-def setup(cfg: ExperimentConfig) -> Experiment:
+def setup(cfg: ExperimentConfig, agent: bool = False) -> Experiment:
+    """`agent`: for an agent process, whose backbone reads layers only when a plan runs them."""
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     devices = {d.name: d for d in devices_from_config(cfg.devices)}
     train, test, num_labels = load_splits(cfg.data, cfg.seed)
     shards = partition(train.labels, list(devices), cfg.data, cfg.seed)  # before the slow model load
-    bb = load_backbone(cfg.model, num_labels, cfg.seed)
+    bb = load_backbone(cfg.model, num_labels, cfg.seed, resident=not agent)
     data = Dataset(tokenize(bb.tokenizer, train, cfg.model.max_length),
                    tokenize(bb.tokenizer, test, cfg.model.max_length),
                    num_labels, shards, cfg.data.source == "synthetic")
     info = model_info(bb)
+    if agent:
+        return Experiment(cfg, bb, info, data, devices, None)
     activations = measure_activations(bb, cfg.model.lora, cfg.model.max_length)
     head_shapes = {n: tuple(p.shape) for n, p in bb.head_params().items()}
     profile = reference_profile(cfg.model, info)

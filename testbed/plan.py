@@ -15,6 +15,7 @@ import torch
 LayerState = dict[str, torch.Tensor]  # "<module>.A" / "<module>.B" -> tensor
 LoraState = dict[int, LayerState]  # original layer index -> that layer's LoRA factors
 HeadState = dict[str, torch.Tensor]  # classifier head parameters by name
+BOTH = "both"  # a layer runs its attention and its FFN block (else "attn" or "ffn" alone)
 
 
 @dataclass
@@ -30,6 +31,12 @@ class Plan:
     batch_size: int = 16
     lr: float = 5e-4
     validate: bool = False  # evaluate on the device's validation split before and after training
+    blocks: dict[int, str] = field(default_factory=dict)  # per layer "attn" or "ffn": only it runs (else both)
+    probe_rows: int = 0  # probe the model on this many rows of the device's data before training (0 = no)
+    probe_blocks: bool = False  # the probe's units are blocks (attention, FFN), not layers
+
+    def block(self, layer: int) -> str:
+        return self.blocks.get(layer, BOTH)
 
     def resident(self, num_layers: int) -> list[int]:
         return list(range(num_layers)) if self.layers is None else sorted(self.layers)
@@ -52,10 +59,22 @@ class Plan:
 
 
 @dataclass
+class LayerProbe:
+    """Linear CKA between unit outputs and unit importance, on one batch (testbed.probe).
+
+    Units are the layers, or with `blocks` each layer's attention then its FFN block
+    (unit 2l is layer l's attention, 2l + 1 its FFN)."""
+
+    cka: list[list[float]]  # (U, U)
+    importance: dict[str, list[float]]  # "loss" and "cosine": one value per unit
+    blocks: bool = False
+
+
+@dataclass
 class Report:
     """What a device measured during its round."""
 
-    compute_s: float = 0.0  # seconds of local training (wall)
+    compute_s: float = 0.0  # seconds of local work: the probe, if asked, and training (wall)
     step_s: float = 0.0  # median seconds per training step (wall)
     peak_train_mem_mb: float = 0.0  # counted training footprint (see testbed.memory)
     peak_rss_mb: float = 0.0  # process peak resident set size
@@ -82,3 +101,4 @@ class Update:
     steps: int
     loss: float
     report: Report = field(default_factory=Report)
+    probe: LayerProbe | None = None  # when the plan asked the device to probe

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from testbed.errors import TestbedError
-from testbed.plan import HeadState, LoraState, Plan, Report, Update
+from testbed.plan import BOTH, HeadState, LayerProbe, LoraState, Plan, Report, Update
 
 MAGIC = b"TBW1"
 PREFIX = struct.Struct("<4sIQ32s")
@@ -155,7 +155,8 @@ def _tensor(entry: object, payload: memoryview) -> tuple[str, torch.Tensor]:
 def plan_message(round: int, device: str, seq: int, plan: Plan, lora: LoraState, head: HeadState) -> Message:
     meta = {"ranks": sorted(plan.ranks.items()), "layers": plan.layers, "drop": sorted(plan.drop.items()),
             "personal": plan.personal, "frozen": plan.frozen, "local_steps": plan.local_steps,
-            "batch_size": plan.batch_size, "lr": plan.lr, "validate": plan.validate}
+            "batch_size": plan.batch_size, "lr": plan.lr, "validate": plan.validate,
+            "blocks": sorted(plan.blocks.items()), "probe_rows": plan.probe_rows, "probe_blocks": plan.probe_blocks}
     return Message("plan", round, device, seq, meta, _flatten(lora, head))
 
 
@@ -167,9 +168,12 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
                     drop={int(l): float(p) for l, p in m["drop"]}, personal=[int(l) for l in m["personal"]],
                     frozen=[int(l) for l in m["frozen"]],
                     local_steps=int(m["local_steps"]), batch_size=int(m["batch_size"]), lr=float(m["lr"]),
-                    validate=bool(m["validate"]))
+                    validate=bool(m["validate"]), blocks={int(l): str(b) for l, b in m["blocks"]},
+                    probe_rows=int(m["probe_rows"]), probe_blocks=bool(m["probe_blocks"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"malformed plan from the aggregator: {exc}") from None
+    if bad := sorted(set(plan.blocks.values()) - {"attn", "ffn", BOTH}):
+        raise WireError(f"malformed plan from the aggregator: unknown block {bad[0]!r}")
     return (plan, *_unflatten(msg.tensors))
 
 
@@ -184,7 +188,23 @@ def update_message(update: Update, seq: int) -> Message:
             "loss": update.loss}
     tensors = _flatten(update.lora, update.head)
     tensors["report"] = torch.tensor([getattr(update.report, k) for k in MEASURED], dtype=torch.float64)
+    if update.probe is not None:  # float64 like every measurement; its size depends on the plan alone
+        meta["probe_blocks"] = update.probe.blocks
+        tensors["probe.cka"] = torch.tensor(update.probe.cka, dtype=torch.float64)
+        for kind, values in update.probe.importance.items():
+            tensors[f"probe.{kind}"] = torch.tensor(values, dtype=torch.float64)
     return Message("update", update.round, update.device, seq, meta, tensors)
+
+
+def _read_probe(tensors: dict[str, torch.Tensor], blocks: object, device: str) -> LayerProbe | None:
+    found = {name.removeprefix("probe."): tensors.pop(name) for name in list(tensors) if name.startswith("probe.")}
+    if not found:
+        return None
+    cka = found.pop("cka", None)
+    if cka is None or cka.dim() != 2 or cka.shape[0] != cka.shape[1] or \
+            any(t.shape != (cka.shape[0],) for t in found.values()):
+        raise WireError(f"update from {device!r}: a probe without a square CKA matrix and one value per unit")
+    return LayerProbe(cka.tolist(), {k: t.tolist() for k, t in found.items()}, bool(blocks))
 
 
 def read_update(msg: Message) -> Update:
@@ -193,11 +213,12 @@ def read_update(msg: Message) -> Update:
     measured = tensors.pop("report", None)
     if measured is None or measured.shape != (len(MEASURED),):
         raise WireError(f"update from {msg.device!r} lacks its report")
+    probe = _read_probe(tensors, m.get("probe_blocks"), msg.device)
     lora, head = _unflatten(tensors)
     try:
         return Update(device=msg.device, round=msg.round, lora=lora, head=head, samples=int(m["samples"]),
                       active_steps={int(l): int(n) for l, n in m["active_steps"]}, steps=int(m["steps"]),
-                      loss=float(m["loss"]), report=Report(**dict(zip(MEASURED, measured.tolist()))))
+                      loss=float(m["loss"]), report=Report(**dict(zip(MEASURED, measured.tolist()))), probe=probe)
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"malformed update from {msg.device!r}: {exc}") from None
 

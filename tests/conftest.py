@@ -31,6 +31,25 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 16-layer random LLaMA-style model (hidden 256: 4 MB of weights per layer, 60 % of the
+    model in its layers) with the bundled tokenizer, saved as a local model path."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from testbed.model import resolve_model_path
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def ag_news() -> Path:
     if not (AG_NEWS / "train.csv").is_file():

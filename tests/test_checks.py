@@ -8,7 +8,7 @@ from testbed.checks import check_update
 from testbed.config import from_dict
 from testbed.experiment import setup
 from testbed.model import get_head, init_lora
-from testbed.plan import Plan, Update
+from testbed.plan import LayerProbe, Plan, Update
 from testbed.run import run_inprocess
 from testbed.wire import WireError, pack, read_update, unpack, update_message
 from tests.conftest import tiny_config
@@ -60,6 +60,18 @@ def test_every_kind_of_unfaithful_update_is_refused_with_its_reason(exp):
     for bad, reason in cases:
         problem = check(exp, bad)
         assert problem is not None and reason in problem, (reason, problem)
+
+
+def test_probes_come_exactly_when_asked_for_and_whole(exp):
+    probing = Plan(ranks={0: 4, 1: 2}, local_steps=3, probe_rows=8)
+    u = good(exp)
+    assert "lacks the probe" in check(exp, u, probing)
+    u.probe = LayerProbe([[1.0, 0.5], [0.5, 1.0]], {"loss": [0.1, 0.2], "cosine": [0.3, 0.4]})
+    assert check(exp, u, probing) is None
+    assert "did not ask" in check(exp, u)
+    assert "wrong units" in check(exp, u, Plan(ranks={0: 4, 1: 2}, local_steps=3, probe_rows=8, probe_blocks=True))
+    u.probe.importance["loss"][1] = float("nan")
+    assert "NaN" in check(exp, u, probing)
 
 
 def test_integer_tensors_are_refused_on_the_wire(exp):

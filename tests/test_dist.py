@@ -16,7 +16,9 @@ import yaml
 
 from launch.mpirun import mpirun_command
 from testbed.config import from_dict
+from testbed.experiment import setup
 from testbed.model import load_backbone, model_info
+from testbed.plan import Plan
 from testbed.profiler import load_profile
 from testbed.run import run_inprocess
 from tests.conftest import ROOT, tiny_config
@@ -261,3 +263,27 @@ def test_oom_on_an_agent_is_reported_and_the_rank_keeps_serving(tiny_bert, tmp_p
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [(f["device"], f["kind"]) for f in summary["failures"]] == [("jetson-tx2-0", "oom")] * 2
     assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in rows(tmp_path / "out"))
+
+
+def test_pruned_agents_hold_only_their_layers_and_devices_probe_over_the_wire(tiny_llama, tmp_path):
+    """One agent rank per device: the pruned device's rank reads only its kept layers (4 of 16),
+    so its round's peak RSS is lower by most of the 12 layers it never held; its probe round
+    (every layer resident for the while) costs them, and the next round releases them."""
+    raw = tiny_config(tiny_llama, rounds=2, **{"strategy.name": "fedpruner", "strategy.cka": "device",
+                                               "strategy.regroup_every": 2, "strategy.probe_rows": 8,
+                                               "train.local_steps": 2, "dist.profile": False})
+    exp = setup(from_dict(raw))
+    layers = list(range(12, 16))
+    budget = exp.cost.peak_memory_bytes(exp.devices["laptop-0"], Plan(ranks=dict.fromkeys(layers, 4), layers=layers,
+                                                                        batch_size=8)) / 2**20
+    raw["devices"] = {"laptop": 1, "jetson-tx2": {"count": 1, "memory_mb": budget + 1}}  # 1 MB: less than a layer
+    proc = mpirun(write_config(tmp_path, raw), tmp_path / "out", agents=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layer_mb = exp.info.layer_params * 4 / 2**20
+    r = rows(tmp_path / "out")
+    rss = [{d["device"]: d["peak_rss_mb"] for d in row["devices"]} for row in r]
+    assert [d["layers"] for d in r[1]["devices"]] == [16, 4]
+    assert rss[1]["laptop-0"] - rss[1]["jetson-tx2-0"] > 0.7 * 12 * layer_mb, (rss, layer_mb)
+    assert rss[0]["jetson-tx2-0"] - rss[1]["jetson-tx2-0"] > 0.7 * 12 * layer_mb, (rss, layer_mb)  # released
+    probe = torch.load(tmp_path / "out" / "checkpoint.pt")["strategy"]["probe"]
+    assert len(probe["cka"]) == 16 and r[0]["bytes_up"] > r[1]["bytes_up"]  # probes came up in round 0 only

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from testbed.plan import Plan, Report, Update
+from testbed.plan import LayerProbe, Plan, Report, Update
 from testbed.wire import (PREFIX, Message, WireError, pack, packed_size, plan_message, read_plan, read_update,
                           unpack, update_message)
 
@@ -41,6 +41,21 @@ def test_plan_round_trips_exactly():
     lora = {3: {"q.A": torch.ones(4, 6), "q.B": torch.zeros(6, 4)}}
     back, lora_back, head = read_plan(unpack(pack(plan_message(2, "d", 1, plan, lora, {"w": torch.ones(3)}), KEY), KEY))
     assert back == plan and torch.equal(lora_back[3]["q.A"], lora[3]["q.A"]) and torch.equal(head["w"], torch.ones(3))
+
+
+def test_block_plans_and_probes_round_trip_exactly():
+    plan = Plan(ranks={1: 4}, layers=[0, 1], blocks={0: "ffn", 1: "attn"}, probe_rows=16, probe_blocks=True)
+    back, _, _ = read_plan(unpack(pack(plan_message(0, "d", 1, plan, {}, {}), KEY), KEY))
+    assert back == plan and Plan(ranks={}).block(3) == "both"
+    u = minilm_update()
+    u.probe = LayerProbe([[1.0, 0.25], [0.25, 1.0]], {"loss": [0.5, 0.125], "cosine": [0.1, 0.3]}, blocks=True)
+    assert read_update(unpack(pack(update_message(u, 1), KEY, torch.float16), KEY)).probe == u.probe  # exact
+    u.probe = LayerProbe([[1.0, 0.25]], {"loss": [0.5]}, blocks=True)
+    with pytest.raises(WireError, match="square CKA"):
+        read_update(unpack(pack(update_message(u, 1), KEY), KEY))
+    bad = plan_message(0, "d", 1, Plan(ranks={}, blocks={0: "mlp"}), {}, {})
+    with pytest.raises(WireError, match="unknown block 'mlp'"):
+        read_plan(unpack(pack(bad, KEY), KEY))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

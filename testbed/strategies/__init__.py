@@ -2,10 +2,11 @@
 from testbed.strategies.base import Context, Strategy
 from testbed.strategies.droppeft import DropPEFT
 from testbed.strategies.fedlora import FedLoRA
-from testbed.strategies.fedpruner import FedPruner
+from testbed.strategies.fedpruner import FedPruner, FedPrunerFine
 from testbed.strategies.hetlora import FlexLoRA, HetLoRA
 from testbed.strategies.legend import Legend
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA, HetLoRA, FlexLoRA, Legend, DropPEFT, FedPruner]}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [FedLoRA, HetLoRA, FlexLoRA, Legend, DropPEFT, FedPruner,
+                                                                     FedPrunerFine]}
 
 __all__ = ["STRATEGIES", "Context", "Strategy"]

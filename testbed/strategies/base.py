@@ -23,7 +23,7 @@ class Context:
     devices: dict[str, Device]
     samples: dict[str, int]  # training rows per device
     cost: CostModel
-    probe: Callable[[GlobalState, int], LayerProbe]  # the server's look at the global model (a proxy batch)
+    probe: Callable[[GlobalState, int, bool], LayerProbe]  # the server's probe of the global model: rows, blocks
 
 
 class Strategy:
