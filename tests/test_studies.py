@@ -4,6 +4,7 @@ AG News sample, 4 devices of three Jetson classes, Dirichlet(0.5), length 32, 5 
 steps, modelled clock.
 """
 import json
+import math
 
 import pytest
 
@@ -49,3 +50,18 @@ def test_fedpruner_prunes_small_devices_and_converges(study):
             assert d["layers"] == (3 if d["class"] == "jetson-tx2" else 6)
         tx2 = max(d["peak_train_mem_mb"] for d in r["devices"] if d["class"] == "jetson-tx2")
         assert tx2 < min(d["peak_train_mem_mb"] for d in r["devices"] if d["class"] != "jetson-tx2")
+
+
+def time_to(rows: list[dict], target: float) -> float:
+    return next((r["clock_s"] for r in rows if r["accuracy"] >= target), math.inf)
+
+
+def test_legend_reaches_the_target_sooner_than_fedlora(study):
+    run, _ = study
+    rows = {name: run(name)[1] for name in ("fedlora", "legend")}
+    # The mechanism: the TX2s train fewer layers, so rounds end at the median device's deadline.
+    for r in rows["legend"]:
+        assert all(d["layers"] < 6 for d in r["devices"] if d["class"] == "jetson-tx2")
+    assert rows["legend"][-1]["clock_s"] < 0.8 * rows["fedlora"][-1]["clock_s"]
+    # The outcome: the target is reached in less modelled time.
+    assert time_to(rows["legend"], 0.6) < time_to(rows["fedlora"], 0.6) < math.inf

@@ -26,7 +26,8 @@ from testbed.strategies.fedlora import contributions
 
 @dataclass
 class DropPEFTOptions(StrategyConfig):
-    shapes: list[str] = option(["uniform", "rising"], doc="uniform: p everywhere; rising: p_l = p_max (l+1)/L")
+    shapes: list[str] = option(["uniform", "rising"], doc="uniform: p everywhere; rising: p_l = p_max (l+1)/L; "
+                                                          "falling: p_l = p_max (L-l)/L")
     maxima: list[float] = option([0.0, 0.2, 0.4, 0.6], doc="the p (or p_max) of each arm")
     bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
     epsilon: float = option(0.1, lo=0, hi=1)
@@ -66,7 +67,9 @@ class DropPEFT(Strategy):
             return {l: p for l in range(n)}
         if shape == "rising":
             return {l: p * (l + 1) / n for l in range(n)}
-        raise TestbedError(f"strategy.shapes: unknown arm shape {shape!r} (uniform, rising)")
+        if shape == "falling":
+            return {l: p * (n - l) / n for l in range(n)}
+        raise TestbedError(f"strategy.shapes: unknown arm shape {shape!r} (uniform, rising, falling)")
 
     def bandit_key(self, device: str) -> str:
         return self.ctx.devices[device].device_class if self.opts.bandit_per == "class" else device
