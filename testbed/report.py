@@ -10,6 +10,7 @@ shown as 0.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def mix_label(cfg: ExperimentConfig) -> str:
 
 def slug(text: str) -> str:
     """A file-name-safe form of a label."""
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-")
+    return re.sub(r"[^A-Za-z0-9._=+,-]+", "-", re.sub(r"[][{}\"']", "", text)).strip("-")
 
 
 def _short(v: object) -> str:
@@ -146,7 +147,8 @@ def class_peaks(run: Run) -> dict[str, float]:
     return peaks
 
 
-def group_stats(g: Group) -> dict:
+def group_stats(g: Group, out: Path) -> dict:
+    """The group's figures; its run directories relative to `out`, where the report goes."""
     runs = g.runs
     times = [r.summary["time_to_target_s"] for r in runs if r.summary["time_to_target_s"] is not None]
     to_target = [b for r in runs if (b := bytes_to_target(r)) is not None]
@@ -154,7 +156,7 @@ def group_stats(g: Group) -> dict:
     ttt_mean, ttt_std = _mean_std(times)
     final_mean, final_std = _mean_std([r.summary["final_accuracy"] for r in runs])
     return {
-        "setting": g.setting, "method": g.method, "runs": [str(r.path) for r in runs],
+        "setting": g.setting, "method": g.method, "runs": [os.path.relpath(r.path, out) for r in runs],
         "seeds": [r.cfg.seed for r in runs], "clock": runs[0].cfg.clock,
         "target_accuracy": runs[0].cfg.target_accuracy,
         "reached": len(times), "time_to_target_s": ttt_mean, "time_to_target_std": ttt_std,
@@ -194,7 +196,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str = "fedlora", tit
     runs = [load_run(p) for p in run_dirs]
     groups = group_runs(runs)
     for g in groups:
-        g.stats = group_stats(g)
+        g.stats = group_stats(g, out)
     settings = list(dict.fromkeys(g.setting for g in groups))
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", _preamble(runs, groups, baseline)]
