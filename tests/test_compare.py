@@ -18,7 +18,7 @@ from testbed.errors import TestbedError
 from testbed.report import find_runs, load_run, write_report
 from testbed.run import run_inprocess
 from testbed.study import load_study, run_study
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 from tests.test_run import cli, read_rows, strip_wall
 
 # DropPEFT with two of its eight default arms: with all eight its bandit is still trying
@@ -90,6 +90,15 @@ def test_each_cell_runs_once_a_killed_cell_resumes_and_the_report_matches_the_ru
     assert [p.name for p in pngs] == ["1-accuracy.png", "1-memory.png", "1-time-to-target.png", "1-traffic.png"]
     for png in pngs:
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000 and f"]({png.name})" in report
+
+
+def test_the_shipped_study_is_the_one_the_readme_describes():
+    study = load_study(ROOT / "examples" / "study-agnews.yaml")
+    assert len(study.cells) == 36 and study.baseline == "fedlora"
+    assert {c.name.split("/")[0] for c in study.cells} == set(STRATEGIES[:3] + ["droppeft", "legend", "fedpruner"])
+    assert {(c.split, c.cfg.data.partition) for c in study.cells} == {("iid", "iid"), ("dirichlet0.5", "dirichlet")}
+    assert {c.seed for c in study.cells} == {0, 1, 2}
+    assert all(sum(d.count for d in c.cfg.devices.values()) == 8 for c in study.cells)
 
 
 @pytest.mark.parametrize("change, culprit", [
