@@ -121,6 +121,7 @@ def traffic(ax, groups: list[Group], colors: dict, baseline: str) -> None:
 
 
 def _method_ticks(ax, groups: list[Group]) -> None:
+    ax.set_xlim(-0.6, len(groups) - 0.4)  # a method without a bar keeps its slot
     long = len(groups) > 4 or any(len(g.method) > 14 for g in groups)
     ax.set_xticks(range(len(groups)), [g.method for g in groups], rotation=20 if long else 0,
                   ha="right" if long else "center", fontsize=9)

@@ -100,8 +100,9 @@ def slug(text: str) -> str:
 
 
 def _short(v: object) -> str:
-    return f"{v:g}" if isinstance(v, float) else json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) \
-        else str(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:

@@ -49,22 +49,13 @@ class Study:
 
 
 def load_study(path: str | Path, overrides: list[str] = (), out: str | None = None) -> Study:
-    """Read and validate a study file; `overrides` (`--set K=V`) apply to every cell, last."""
+    """Read and validate a study file; `overrides` (`--set K=V`) apply to every cell."""
     path = Path(path)
     raw = read_mapping(path, "study")
     for key in raw:
         if key not in KEYS:
             raise TestbedError(f"{path}: {key}: unknown key (known: {', '.join(KEYS)})")
-    base = _base(raw, path)
-    for key, value in _mapping(raw, "set", path, {}).items():
-        set_dotted(base, str(key), copy.deepcopy(value), f"set.{key}", path)
-    _validate(base, f"{path}: set")
-    if "target_accuracy" in raw:
-        base["target_accuracy"] = raw["target_accuracy"]
-        _validate(base, str(path))
-    for item in overrides:
-        apply_override(base, item, path)
-    _validate(base, f"{path} with --set")
+    base = _common(raw, path, overrides)
     strategies = _strategies(raw, base, path)
     mixes = {name: {"devices": mix} for name, mix in _named(raw, "devices", path).items()}
     splits = {name: {"data": {**(base.get("data") or {}), **split}} for name, split in _named(raw, "splits", path).items()}
@@ -77,15 +68,38 @@ def load_study(path: str | Path, overrides: list[str] = (), out: str | None = No
     cells = [Cell(s_name, split, mix, seed, from_dict({**base, **splits[split], **mixes[mix], "seed": seed,
                                                        "strategy": entry}, f"{path} ({s_name}/{split}/{mix})"))
              for s_name, entry in strategies.items() for split in splits for mix in mixes for seed in seeds]
+    return Study(path, _out(raw, path, out), _baseline(raw, path, cells), cells)
+
+
+def _common(raw: dict, path: Path, overrides: list[str]) -> dict:
+    """What every cell shares: the base config, the study's `set` and target, then `--set`."""
+    base = _base(raw, path)
+    for key, value in _mapping(raw, "set", path, {}).items():
+        set_dotted(base, str(key), copy.deepcopy(value), f"set.{key}", path)
+    _validate(base, f"{path}: set")
+    if "target_accuracy" in raw:
+        base["target_accuracy"] = raw["target_accuracy"]
+        _validate(base, str(path))
+    for item in overrides:
+        apply_override(base, item, path)
+    _validate(base, f"{path} with --set")
+    return base
+
+
+def _baseline(raw: dict, path: Path, cells: list[Cell]) -> str:
     baseline = raw.get("baseline", "fedlora")
     labels = {method_label(c.cfg) for c in cells}
     if baseline not in labels:
         raise TestbedError(f"{path}: baseline: {baseline!r} is not one of the study's strategies "
                            f"({', '.join(sorted(labels))})")
+    return baseline
+
+
+def _out(raw: dict, path: Path, out: str | None) -> Path:
     where = out or raw.get("out") or f"runs/{path.stem}"
     if not isinstance(where, str):
         raise TestbedError(f"{path}: out: expected a directory path, got {where!r}")
-    return Study(path, Path(where), baseline, cells)
+    return Path(where)
 
 
 def _base(raw: dict, path: Path) -> dict:
