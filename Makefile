@@ -30,8 +30,18 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# The methods' study (afresh), then every benchmark at full size; bench/study.py is their
+# shared module.  Reports, run directories and each benchmark's output go to bench/results/.
+BENCHES := $(filter-out bench/study.py,$(wildcard bench/*.py))
+
 bench: install
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	@set -e; start=$$(date +%s); mkdir -p bench/results; rm -rf bench/results/study-agnews; \
+	$(BIN)/testbed compare examples/study-agnews.yaml --out bench/results/study-agnews; \
+	for b in $(BENCHES); do \
+		n=$$(basename $$b .py); echo "== $$b"; \
+		$(BIN)/python $$b > bench/results/$$n.out; tail -n 1 bench/results/$$n.out | tee bench/results/$$n.json; \
+	done; \
+	echo "make bench: $$(( $$(date +%s) - start )) s; the study's report: bench/results/study-agnews/report.md"
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

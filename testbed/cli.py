@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from testbed.config import ExperimentConfig, load_config
+from testbed.config import ExperimentConfig, difference_but_rounds, load_config
 from testbed.errors import TestbedError
 
 
@@ -50,6 +51,17 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--ranks", default="2,8,16", help="LoRA ranks to time, comma-separated")
     prof.add_argument("--out", help="write the profile here (.yaml or .json); default: print it")
     prof.set_defaults(func=cmd_profile)
+    comp = sub.add_parser("compare", help="run a study (strategies x seeds x device mixes x splits), then report")
+    comp.add_argument("study", help="study file (YAML)")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key in every cell, e.g. --set rounds=2 (repeatable)")
+    comp.add_argument("--out", help="study directory (default: the study's `out`, else runs/<study name>)")
+    comp.set_defaults(func=cmd_compare)
+    rep = sub.add_parser("report", help="report.md and PNG plots comparing finished runs")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
+    rep.add_argument("--out", help="where report.md and the plots go (default: the RUN_DIRs' common directory)")
+    rep.add_argument("--baseline", default="fedlora", help="method the others are compared with (default: fedlora)")
+    rep.set_defaults(func=cmd_report)
     hf = sub.add_parser("hostfile", help="print an Open MPI hostfile for an inventory (aggregator first)")
     hf.add_argument("-i", "--inventory", required=True, help="inventory: YAML, INI, or ansible-inventory --list JSON")
     hf.set_defaults(func=cmd_hostfile)
@@ -94,20 +106,8 @@ def check_same_experiment(cfg: ExperimentConfig, saved_path: Path) -> None:
     """A resumed run must be the same experiment; only `rounds` may change (to extend it)."""
     if not saved_path.is_file():
         raise TestbedError(f"--resume: {saved_path} not found: not a run directory")
-    saved = dataclasses.asdict(load_config(saved_path))
-    now = dataclasses.asdict(cfg)
-    saved["rounds"] = now["rounds"]
-    if key := first_difference(saved, now):
+    if key := difference_but_rounds(cfg, load_config(saved_path)):
         raise TestbedError(f"--resume: {key} differs from the run's {saved_path} (only rounds may change)")
-
-
-def first_difference(a: object, b: object, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            if found := first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k)):
-                return found
-        return None
-    return None if a == b else path
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -133,6 +133,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"testbed: wrote {args.out}", file=sys.stderr)
     else:
         print(json.dumps(dataclasses.asdict(profile), indent=1))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from testbed.report import write_report
+    from testbed.study import load_study, run_study
+
+    study = load_study(args.study, args.set, args.out)
+    runs = run_study(study)
+    path = write_report(runs, study.out, study.baseline, f"Study {Path(args.study).stem}")
+    print(f"testbed: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from testbed.report import find_runs, write_report
+
+    runs = find_runs(args.runs)
+    out = Path(args.out) if args.out else Path(os.path.commonpath([Path(r).resolve() for r in args.runs]))
+    path = write_report(runs, out, args.baseline)
+    print(f"testbed: wrote {path} ({len(runs)} runs)", file=sys.stderr)
     return 0
 
 

@@ -125,12 +125,20 @@ class ExperimentConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     path = Path(path)
+    raw = read_mapping(path, "config")
+    for item in overrides:
+        apply_override(raw, item, path)
+    return from_dict(raw, str(path))
+
+
+def read_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping (`what` names the kind of file in errors)."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise TestbedError(f"{path}: config file not found") from None
+        raise TestbedError(f"{path}: {what} file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise TestbedError(f"{path}: cannot read config: {exc}") from None
+        raise TestbedError(f"{path}: cannot read {what}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -138,9 +146,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
         raise TestbedError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise TestbedError(f"{path}: expected a mapping of keys at the top level")
-    for item in overrides:
-        _apply_override(raw, item, path)
-    return from_dict(raw, str(path))
+    return raw
 
 
 def from_dict(raw: dict, source: str = "<config>") -> ExperimentConfig:
@@ -172,20 +178,44 @@ def _strategy_options(name: str, source: str) -> type:
     return STRATEGIES[name].Options
 
 
-def _apply_override(raw: dict, item: str, source: Path) -> None:
+def apply_override(raw: dict, item: str, source: str | Path) -> None:
+    """Apply one `--set KEY=VALUE` (VALUE read as YAML) to a raw config mapping."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise TestbedError(f"--set {item!r}: expected KEY=VALUE, for example train.lr=1e-3")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    set_dotted(raw, key, parsed, f"--set {item!r}", source)
+
+
+def set_dotted(raw: dict, key: str, value: Any, what: str, source: str | Path) -> None:
+    """raw[a][b][c] = value for key 'a.b.c', creating the mappings on the way."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise TestbedError(f"--set {item!r}: {part} is not a mapping in {source}")
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+            raise TestbedError(f"{what}: {part} is not a mapping in {source}")
+    node[parts[-1]] = value
+
+
+def first_difference(a: object, b: object, path: str = "") -> str | None:
+    """The first dotted key at which two nested mappings differ (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if found := first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k)):
+                return found
+        return None
+    return None if a == b else path
+
+
+def difference_but_rounds(cfg: ExperimentConfig, saved: ExperimentConfig) -> str | None:
+    """Where a run's saved config differs from cfg in anything but `rounds` (which a resume may extend)."""
+    a, b = to_dict(saved), to_dict(cfg)
+    a["rounds"] = b["rounds"]
+    return first_difference(a, b)
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
