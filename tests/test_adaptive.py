@@ -38,10 +38,9 @@ def test_each_device_gets_the_most_capacity_that_fits_and_meets_the_deadline(tin
     for name, plan in plans.items():
         seconds = strategy.cost_of(name, plan)
         assert exp.cost.fits(exp.devices[name], plan) and seconds <= deadline
+        key = (*strategy.capacity(plan), -level(plan))  # the most capacity, then the least dropout
         for p in (c for plans in strategy.levels(name, 0) for c in plans):
-            lower, same = level(p) < level(plan), level(p) == level(plan)
-            richer = strategy.capacity(p) > strategy.capacity(plan)
-            assert not ((lower or same and richer) and strategy.cost_of(name, p) <= deadline)
+            assert strategy.cost_of(name, p) > deadline or (*strategy.capacity(p), -level(p)) <= key
     full = {0: 8, 1: 8}
     assert plans["agx-orin-0"].ranks == full and not plans["agx-orin-0"].drop  # the baseline meets it unchanged
     tx2 = plans["jetson-tx2-0"]  # only the layer below its depth, which runs frozen, may be dropped

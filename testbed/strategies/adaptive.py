@@ -1,20 +1,24 @@
 """Adaptive: pruning, layer dropout and per-layer rank in one plan per device (beyond the papers).
 
 Each round a common deadline is set as in LEGEND (the reference device's predicted baseline
-round), times a factor that a bandit picks online among `factors`: its reward is the gain in
-global test accuracy (or the drop in test loss) per second of the round, the slowest device's
-on the run's clock.  Every device then gets, from the cost model, the plan with the most LoRA
-capacity that fits its memory and meets the deadline, searched in this order:
+round) times a factor that a bandit picks online among `factors`; its reward is the gain in
+global test accuracy (or the drop in test loss) since the last evaluation per second of those
+rounds, each as long as its slowest device on the run's clock.  The deadline is raised to the
+slowest device's fastest plan (the round cannot be shorter, so the others may use the time).
+Every device then gets, from the cost model, the plan that fits its memory and meets the
+deadline with the most LoRA capacity (rank x (1 - p) summed over trained layers, then depth),
+then the least dropout, among:
 
 - layers: all of them; where no plan over all layers fits the device's memory, FedPruner's
   submodel (the most layers that fit, one kept per group of alike layers, probed on the server);
-- dropout: the lowest level of `drops` at which some plan meets the deadline (every resident
-  layer skipped with that probability at each step), since dropout costs learning per round;
-- depth and ranks: LEGEND's candidates, capacity = sum over trained layers of rank x (1 - p).
+- depth and ranks: LEGEND's candidates (its options apply; below the depth the global LoRA runs
+  frozen by default);
+- dropout: each level of `drops`, on the layers below the depth (`drop_on: frozen`: they run
+  forward only, so skipping them saves time without touching what the device trains) or on
+  every layer it runs (`all`).
 
-A device that meets the deadline with no plan gets the fastest plan that fits.  Aggregation,
-the ranks' ramp and the frozen layers below a device's depth are LEGEND's (its options apply).
-"""
+A device that meets the deadline with no plan gets the fastest plan that fits.  Layers are
+aggregated as in LEGEND (`pad` by default), the head averaged."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +38,7 @@ class AdaptiveOptions(LegendOptions):
     drops: list[float] = option([0.0, 0.1, 0.2], doc="layer dropout levels a device may use to meet the deadline")
     drop_on: str = option("frozen", choices=("frozen", "all"),
                           doc="layers dropout may skip: those below the device's depth (forward only), or all it runs")
-    factors: list[float] = option([1.0, 0.85, 0.7], doc="the bandit's arms: factors on LEGEND's deadline")
+    factors: list[float] = option([1.0, 0.9], doc="the bandit's arms: factors on LEGEND's deadline")
     bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
     epsilon: float = option(0.1, lo=0, hi=1)
     reward: str = option("accuracy", choices=("accuracy", "loss"))
@@ -75,13 +79,10 @@ class Adaptive(Legend):
         return self.ctx.cost.round_seconds(self.ctx.devices[device], plan)
 
     def configure(self, device: str, deadline: float, round: int = 0) -> Plan:
-        """The plan with the most capacity that meets the deadline at the lowest dropout level
-        at which any does; if none does, the fastest."""
-        timed = []
-        for plans in self.levels(device, round):
-            timed += [(self.cost_of(device, p), p) for p in plans]
-            if meeting := [p for s, p in timed if s <= deadline]:
-                return max(meeting, key=self.capacity)
+        """The plan with the most capacity (then the least dropout) that meets the deadline; else the fastest."""
+        timed = [(self.cost_of(device, p), p) for plans in self.levels(device, round) for p in plans]
+        if meeting := [p for s, p in timed if s <= deadline]:
+            return max(meeting, key=lambda p: (*self.capacity(p), -max(p.drop.values(), default=0.0)))
         return min(timed, key=lambda t: t[0])[1]
 
     def levels(self, device: str, round: int) -> list[list[Plan]]:
@@ -101,7 +102,7 @@ class Adaptive(Legend):
         return dataclasses.replace(plan, drop=dict.fromkeys(layers, p)) if p and layers else plan
 
     def capacity(self, plan: Plan) -> tuple[float, int]:
-        """Expected LoRA rank trained per step, then depth."""
+        """Expected LoRA rank trained per step (summed over layers), then depth."""
         trained = plan.trained(self.ctx.model.num_layers)
         return sum(plan.ranks[l] * (1 - plan.drop.get(l, 0.0)) for l in trained), len(trained)
 
