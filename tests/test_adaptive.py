@@ -39,7 +39,7 @@ def test_each_device_gets_the_most_capacity_that_fits_and_meets_the_deadline(tin
         seconds = strategy.cost_of(name, plan)
         assert exp.cost.fits(exp.devices[name], plan) and seconds <= deadline
         key = (*strategy.capacity(plan), -level(plan))  # the most capacity, then the least dropout
-        for p in (c for plans in strategy.levels(name, 0) for c in plans):
+        for p in strategy.space(name, 0):
             assert strategy.cost_of(name, p) > deadline or (*strategy.capacity(p), -level(p)) <= key
     full = {0: 8, 1: 8}
     assert plans["agx-orin-0"].ranks == full and not plans["agx-orin-0"].drop  # the baseline meets it unchanged

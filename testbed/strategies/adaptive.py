@@ -80,21 +80,21 @@ class Adaptive(Legend):
 
     def configure(self, device: str, deadline: float, round: int = 0) -> Plan:
         """The plan with the most capacity (then the least dropout) that meets the deadline; else the fastest."""
-        timed = [(self.cost_of(device, p), p) for plans in self.levels(device, round) for p in plans]
+        timed = [(self.cost_of(device, p), p) for p in self.space(device, round)]
         if meeting := [p for s, p in timed if s <= deadline]:
             return max(meeting, key=lambda p: (*self.capacity(p), -max(p.drop.values(), default=0.0)))
         return min(timed, key=lambda t: t[0])[1]
 
-    def levels(self, device: str, round: int) -> list[list[Plan]]:
-        """Per dropout level, lowest first: LEGEND's candidates that fit the device's memory, over
-        all layers, or over FedPruner's submodel where no plan over all layers fits."""
+    def space(self, device: str, round: int) -> list[Plan]:
+        """LEGEND's candidates that fit the device's memory, over all layers or over FedPruner's
+        submodel where no plan over all layers fits, at each dropout level."""
         dev, cost, n = self.ctx.devices[device], self.ctx.cost, self.ctx.model.num_layers
         candidates = [c for c in self.candidates() if cost.fits(dev, c)]
         if not candidates:
             layers = self.submodel(device, round)
             pruned = [dataclasses.replace(c, layers=layers) for c in self.candidates()]
             candidates = [c for c in pruned if c.trained(n) and cost.fits(dev, c)] or pruned[-1:]
-        return [[self.with_drop(c, p) for c in candidates] for p in sorted(self.opts.drops)]
+        return [self.with_drop(c, p) for p in self.opts.drops for c in candidates]
 
     def with_drop(self, plan: Plan, p: float) -> Plan:
         n = self.ctx.model.num_layers
