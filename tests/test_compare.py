@@ -94,8 +94,9 @@ def test_each_cell_runs_once_a_killed_cell_resumes_and_the_report_matches_the_ru
 
 def test_the_shipped_study_is_the_one_the_readme_describes():
     study = load_study(ROOT / "examples" / "study-agnews.yaml")
-    assert len(study.cells) == 36 and study.baseline == "fedlora"
-    assert {c.name.split("/")[0] for c in study.cells} == set(STRATEGIES[:3] + ["droppeft", "legend", "fedpruner"])
+    assert len(study.cells) == 42 and study.baseline == "fedlora"
+    assert {c.name.split("/")[0] for c in study.cells} == set(STRATEGIES[:3] + ["droppeft", "legend", "fedpruner",
+                                                                             "adaptive"])
     assert {(c.split, c.cfg.data.partition) for c in study.cells} == {("iid", "iid"), ("dirichlet0.5", "dirichlet")}
     assert {c.seed for c in study.cells} == {0, 1, 2}
     assert all(sum(d.count for d in c.cfg.devices.values()) == 8 for c in study.cells)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from launch.mpirun import mpirun_command
+from testbed.aggregator import make_strategy
 from testbed.config import from_dict
 from testbed.experiment import setup
 from testbed.model import load_backbone, model_info
@@ -287,3 +288,27 @@ def test_pruned_agents_hold_only_their_layers_and_devices_probe_over_the_wire(ti
     assert rss[0]["jetson-tx2-0"] - rss[1]["jetson-tx2-0"] > 0.7 * 12 * layer_mb, (rss, layer_mb)  # released
     probe = torch.load(tmp_path / "out" / "checkpoint.pt")["strategy"]["probe"]
     assert len(probe["cka"]) == 16 and r[0]["bytes_up"] > r[1]["bytes_up"]  # probes came up in round 0 only
+
+
+def test_adaptive_plans_run_over_mpirun_as_in_process(tiny_bert, tmp_path):
+    """The adaptive strategy's plans (a pruned submodel, dropout, LEGEND's frozen layers) travel
+    unchanged: the same global state as in process."""
+    raw = tiny_config(tiny_bert, rounds=2, **{"strategy.name": "adaptive", "strategy.drops": [0.5],
+                                              "strategy.drop_on": "all", "strategy.factors": [1.0, 0.9],
+                                              "devices": {"laptop": 1, "jetson-tx2": 1}})
+    exp = setup(from_dict(raw))
+    tx2 = exp.devices["jetson-tx2-0"]
+    whole = min(exp.cost.peak_memory_bytes(tx2, c) for c in make_strategy(exp).candidates())
+    raw["devices"]["jetson-tx2"] = {"count": 1, "memory_mb": (whole - 2**14) / 2**20}  # too little for both layers
+    proc = mpirun(write_config(tmp_path, raw), tmp_path / "mpi", agents=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.set_num_threads(1)
+    run_inprocess(from_dict(raw), tmp_path / "local", quiet=True)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("mpi", "local"))
+    assert all(torch.equal(a["lora"][l][n], b["lora"][l][n]) for l in b["lora"] for n in b["lora"][l])
+    assert all(torch.equal(a["head"][n], b["head"][n]) for n in b["head"])
+    for r in rows(tmp_path / "mpi"):
+        device = {d["device"]: d for d in r["devices"]}
+        assert device["jetson-tx2-0"]["layers"] == 1 and device["laptop-0"]["layers"] == 2
+        assert all(d["drop"] == 0.5 for d in r["devices"])
+    assert [r["accuracy"] for r in rows(tmp_path / "mpi")] == [r["accuracy"] for r in rows(tmp_path / "local")]

@@ -1,0 +1,138 @@
+"""Adaptive: pruning, layer dropout and per-layer rank in one plan per device (beyond the papers).
+
+Each round a common deadline is set as in LEGEND (the reference device's predicted baseline
+round) times a factor that a bandit picks online among `factors`; its reward is the gain in
+global test accuracy (or the drop in test loss) since the last evaluation per second of those
+rounds, each as long as its slowest device on the run's clock.  The deadline is raised to the
+slowest device's fastest plan (the round cannot be shorter, so the others may use the time).
+Every device then gets, from the cost model, the plan that fits its memory and meets the
+deadline with the most LoRA capacity (rank x (1 - p) summed over trained layers, then depth),
+then the least dropout, among:
+
+- layers: all of them; where no plan over all layers fits the device's memory, FedPruner's
+  submodel (the most layers that fit, one kept per group of alike layers, probed on the server);
+- depth and ranks: LEGEND's candidates (its options apply; below the depth the global LoRA runs
+  frozen by default);
+- dropout: each level of `drops`, on the layers below the depth (`drop_on: frozen`: they run
+  forward only, so skipping them saves time without touching what the device trains) or on
+  every layer it runs (`all`).
+
+A device that meets the deadline with no plan gets the fastest plan that fits.  Layers are
+aggregated as in LEGEND (`pad` by default), the head averaged."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+
+from testbed.bandit import Bandit
+from testbed.config import option
+from testbed.errors import TestbedError
+from testbed.plan import Plan, Report
+from testbed.strategies.fedpruner import FedPruner, FedPrunerOptions
+from testbed.strategies.legend import Legend, LegendOptions
+
+
+@dataclass
+class AdaptiveOptions(LegendOptions):
+    drops: list[float] = option([0.0, 0.1, 0.2], doc="layer dropout levels a device may use to meet the deadline")
+    drop_on: str = option("frozen", choices=("frozen", "all"),
+                          doc="layers dropout may skip: those below the device's depth (forward only), or all it runs")
+    factors: list[float] = option([1.0, 0.9], doc="the bandit's arms: factors on LEGEND's deadline")
+    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
+    epsilon: float = option(0.1, lo=0, hi=1)
+    reward: str = option("accuracy", choices=("accuracy", "loss"))
+
+
+class Adaptive(Legend):
+    name = "adaptive"
+    Options = AdaptiveOptions
+
+    def __init__(self, ctx, state):
+        super().__init__(ctx, state)
+        if not self.opts.factors or any(f <= 0 for f in self.opts.factors):
+            raise TestbedError(f"strategy.factors: expected positive numbers, got {self.opts.factors}")
+        if not self.opts.drops or any(not 0 <= p < 1 for p in self.opts.drops):
+            raise TestbedError(f"strategy.drops: expected numbers in [0, 1), got {self.opts.drops}")
+        # FedPruner (its default options) picks the submodel of a device whose memory is too small.
+        pruner_cfg = dataclasses.replace(ctx.cfg, strategy=FedPrunerOptions(name=FedPruner.name))
+        self.pruner = FedPruner(dataclasses.replace(ctx, cfg=pruner_cfg), state)
+        self.bandit = Bandit(len(self.opts.factors), self.opts.bandit, self.opts.epsilon)
+        self.rng = random.Random(ctx.cfg.seed)
+        self.arm = -1  # -1: pick an arm at the next plan
+        self.seconds = 0.0  # of the rounds since the last evaluation
+        self.last: float | None = None  # accuracy (or loss) at the last evaluation
+        self.plans: dict[str, Plan] = {}
+        self.probed = -1  # the round the pruner's probe was taken
+
+    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+        if self.arm < 0:  # an arm holds until the next evaluation, which rewards it
+            self.arm = self.bandit.select(self.rng, list(range(len(self.opts.factors))))
+        chosen = self.sample(round, available)
+        deadline = self.deadline(available) * self.opts.factors[self.arm]
+        # A round lasts at least as long as its slowest device's fastest plan: the others may use that.
+        deadline = max([deadline, *(self.cost_of(d, self.configure(d, 0.0, round)) for d in chosen)])
+        self.plans = {d: self.configure(d, deadline, round) for d in chosen}
+        return self.plans
+
+    def cost_of(self, device: str, plan: Plan) -> float:
+        return self.ctx.cost.round_seconds(self.ctx.devices[device], plan)
+
+    def configure(self, device: str, deadline: float, round: int = 0) -> Plan:
+        """The plan with the most capacity (then the least dropout) that meets the deadline; else the fastest."""
+        timed = [(self.cost_of(device, p), p) for p in self.space(device, round)]
+        if meeting := [p for s, p in timed if s <= deadline]:
+            return max(meeting, key=lambda p: (*self.capacity(p), -max(p.drop.values(), default=0.0)))
+        return min(timed, key=lambda t: t[0])[1]
+
+    def space(self, device: str, round: int) -> list[Plan]:
+        """LEGEND's candidates that fit the device's memory, over all layers or over FedPruner's
+        submodel where no plan over all layers fits, at each dropout level."""
+        dev, cost, n = self.ctx.devices[device], self.ctx.cost, self.ctx.model.num_layers
+        candidates = [c for c in self.candidates() if cost.fits(dev, c)]
+        if not candidates:
+            layers = self.submodel(device, round)
+            pruned = [dataclasses.replace(c, layers=layers) for c in self.candidates()]
+            candidates = [c for c in pruned if c.trained(n) and cost.fits(dev, c)] or pruned[-1:]
+        return [self.with_drop(c, p) for p in self.opts.drops for c in candidates]
+
+    def with_drop(self, plan: Plan, p: float) -> Plan:
+        n = self.ctx.model.num_layers
+        layers = [l for l in plan.resident(n) if self.opts.drop_on == "all" or l in plan.frozen]
+        return dataclasses.replace(plan, drop=dict.fromkeys(layers, p)) if p and layers else plan
+
+    def capacity(self, plan: Plan) -> tuple[float, int]:
+        """Expected LoRA rank trained per step (summed over layers), then depth."""
+        trained = plan.trained(self.ctx.model.num_layers)
+        return sum(plan.ranks[l] * (1 - plan.drop.get(l, 0.0)) for l in trained), len(trained)
+
+    def submodel(self, device: str, round: int) -> list[int]:
+        """FedPruner's layers for a device whose memory cannot hold them all (probed once a round)."""
+        if self.pruner.probe is None or self.probed != round:
+            self.pruner.probe = self.ctx.probe(self.state, self.pruner.opts.probe_rows, False)
+            self.probed = round
+        return self.pruner.submodel(device).layers
+
+    def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
+        """Reward the arm with the progress since the last evaluation per second of its rounds."""
+        devices = self.ctx.devices
+        times = [self.ctx.cost.round_seconds(devices[d], self.plans[d]) if self.ctx.cfg.clock == "modelled"
+                 else r.compute_s for d, r in reports.items() if d in self.plans]
+        self.seconds += max(times, default=0.0)
+        value = metrics.get(self.opts.reward)
+        if value is None:
+            return
+        if self.last is not None and self.seconds > 0:  # the first evaluation has nothing to compare with
+            gain = value - self.last if self.opts.reward == "accuracy" else self.last - value
+            self.bandit.update(self.arm, gain / self.seconds)
+        self.last, self.seconds, self.arm = value, 0.0, -1
+
+    def state_dict(self) -> dict:
+        return {"bandit": vars(self.bandit), "rng": self.rng.getstate(), "arm": self.arm, "seconds": self.seconds,
+                "last": self.last, "pruner": self.pruner.state_dict(), "probed": self.probed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bandit = Bandit(**state["bandit"])
+        self.rng.setstate(state["rng"])
+        self.arm, self.seconds, self.last, self.probed = state["arm"], state["seconds"], state["last"], state["probed"]
+        self.pruner.load_state_dict(state["pruner"])

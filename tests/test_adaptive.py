@@ -1,0 +1,117 @@
+"""The adaptive strategy: plans within memory and the deadline, pruned submodels, the bandit, resume."""
+import json
+
+import pytest
+import torch
+
+from testbed.aggregator import make_strategy
+from testbed.config import from_dict
+from testbed.errors import TestbedError
+from testbed.experiment import setup
+from testbed.plan import Plan, Report
+from testbed.run import run_inprocess
+from tests.conftest import tiny_config
+from tests.test_run import strip_wall
+
+DEVICES = {"agx-orin": 1, "xavier-nx": 1, "jetson-tx2": 1}
+
+
+def adaptive(model: str, **overrides):
+    """A config, its experiment and the strategy; long rounds, so that compute sets the deadline."""
+    raw = tiny_config(model, **{"strategy.name": "adaptive", "model.lora.rank": 8, "train.local_steps": 5000,
+                                "strategy.drops": [0.0, 0.25, 0.5], "strategy.deadline_device": "jetson-tx2",
+                                "devices": DEVICES, **overrides})
+    exp = setup(from_dict(raw))
+    return raw, exp, make_strategy(exp)
+
+
+def level(plan: Plan) -> float:
+    return max(plan.drop.values(), default=0.0)
+
+
+@pytest.mark.parametrize("factor, tx2_drop", [(0.92, 0.0), (0.9, 0.25)])
+def test_each_device_gets_the_most_capacity_that_fits_and_meets_the_deadline(tiny_bert, factor, tx2_drop):
+    _, exp, strategy = adaptive(tiny_bert, **{"strategy.factors": [factor]})
+    names = list(exp.devices)
+    plans = strategy.plan(0, names)
+    deadline = strategy.deadline(names) * factor
+    for name, plan in plans.items():
+        seconds = strategy.cost_of(name, plan)
+        assert exp.cost.fits(exp.devices[name], plan) and seconds <= deadline
+        key = (*strategy.capacity(plan), -level(plan))  # the most capacity, then the least dropout
+        for p in strategy.space(name, 0):
+            assert strategy.cost_of(name, p) > deadline or (*strategy.capacity(p), -level(p)) <= key
+    full = {0: 8, 1: 8}
+    assert plans["agx-orin-0"].ranks == full and not plans["agx-orin-0"].drop  # the baseline meets it unchanged
+    tx2 = plans["jetson-tx2-0"]  # only the layer below its depth, which runs frozen, may be dropped
+    assert tx2.trained(2) == [1] and tx2.frozen == [0] and level(tx2) == tx2_drop and 1 not in tx2.drop
+
+
+def test_a_memory_starved_device_trains_a_pruned_submodel_that_fits(tiny_bert):
+    _, exp, strategy = adaptive(tiny_bert)
+    tx2 = exp.devices["jetson-tx2-0"]
+    lightest = min(exp.cost.peak_memory_bytes(tx2, c) for c in strategy.candidates())
+    one = max(exp.cost.peak_memory_bytes(tx2, Plan(ranks={l: 8}, layers=[l], batch_size=8)) for l in (0, 1))
+    assert one < lightest
+    tx2.memory_mb = (one + lightest) / 2 / 2**20
+    plan = strategy.plan(0, list(exp.devices))["jetson-tx2-0"]
+    assert len(plan.layers) == 1 and plan.trained(2) == plan.layers and exp.cost.fits(tx2, plan)
+    assert strategy.pruner.probe is not None  # the layer was chosen on the server's probe
+    assert all(p.layers is None for d, p in strategy.plans.items() if d != "jetson-tx2-0")
+
+
+def test_bad_options_are_config_errors(tiny_bert):
+    for key, value in (("strategy.drops", [0.0, 1.0]), ("strategy.factors", [])):
+        with pytest.raises(TestbedError, match=key):
+            adaptive(tiny_bert, **{key: value})
+
+
+@pytest.mark.parametrize("gains, best", [({1.0: 0.02, 0.8: 0.02}, 0.8), ({1.0: 0.02, 0.8: 0.0}, 1.0)])
+def test_the_bandit_follows_the_progress_per_second(tiny_bert, gains, best):
+    """Synthetic feedback: the deadline factor whose rounds gain more accuracy per second wins."""
+    _, exp, strategy = adaptive(tiny_bert, **{"strategy.factors": [1.0, 0.8]})
+    names, accuracy, picks = list(exp.devices), 0.3, []
+    for r in range(16):
+        plans = strategy.plan(r, names)
+        factor = strategy.opts.factors[strategy.arm]
+        picks.append(factor)
+        accuracy += gains[factor]
+        strategy.observe(r, {d: Report() for d in plans}, {"accuracy": accuracy, "loss": 1.0})
+    assert picks[-8:].count(best) >= 7
+    # The choice is the plans': under the tighter deadline the TX2 drops layers to meet it.
+    assert bool(strategy.plan(16, names)["jetson-tx2-0"].drop) == (best < 1)
+
+
+def test_unevaluated_rounds_are_credited_at_the_next_evaluation(tiny_bert):
+    _, exp, strategy = adaptive(tiny_bert, **{"strategy.factors": [1.0, 0.8]})
+    names = list(exp.devices)
+    strategy.plan(0, names)
+    strategy.observe(0, {}, {"accuracy": 0.3})  # the first evaluation only sets the mark
+    arms = []
+    for r in (1, 2):
+        plans = strategy.plan(r, names)
+        arms.append(strategy.arm)
+        strategy.observe(r, {d: Report() for d in plans}, {} if r == 1 else {"accuracy": 0.5})
+    seconds = 2 * max(strategy.cost_of(d, p) for d, p in plans.items())
+    assert arms[0] == arms[1] and strategy.bandit.counts[arms[0]] == 1
+    assert strategy.bandit.sums[arms[0]] == pytest.approx(0.2 / seconds)
+
+
+def test_a_memory_starved_run_resumes_exactly(tiny_bert, tmp_path):
+    """A pruned TX2 in a bandit-driven run: 2 rounds, resumed to 4, equals 4 rounds straight."""
+    raw, exp, strategy = adaptive(tiny_bert, rounds=4, **{"strategy.factors": [1.0, 0.9], "train.local_steps": 3})
+    tx2 = exp.devices["jetson-tx2-0"]
+    lightest = min(exp.cost.peak_memory_bytes(tx2, c) for c in strategy.candidates())
+    raw["devices"] = {**DEVICES, "jetson-tx2": {"count": 1, "memory_mb": (lightest - 2**14) / 2**20}}
+    whole = run_inprocess(from_dict(raw), tmp_path / "whole", quiet=True)
+    run_inprocess(from_dict({**raw, "rounds": 2}), tmp_path / "cut", quiet=True)
+    run_inprocess(from_dict(raw), tmp_path / "cut", quiet=True, resume=True)
+    rows = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert strip_wall(cut) == strip_wall(rows) and whole["failures"] == []
+    for r in rows:
+        device = {d["class"]: d for d in r["devices"]}
+        assert device["jetson-tx2"]["layers"] == 1 and device["agx-orin"]["layers"] == 2
+        assert device["jetson-tx2"]["peak_train_mem_mb"] < device["agx-orin"]["peak_train_mem_mb"]
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("cut", "whole"))
+    assert a["strategy"]["bandit"] == b["strategy"]["bandit"] and sum(b["strategy"]["bandit"]["counts"]) == 3
