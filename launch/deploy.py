@@ -57,7 +57,7 @@ class DeployOptions:
     inventory: str
     config: str
     out: Path
-    known_hosts: Path
+    known_hosts: Path | None  # None: each host's testbed_known_hosts, else ~/.ssh/known_hosts
     sets: list[str] = field(default_factory=list)
     accept_new_host_keys: bool = False
     bootstrap: bool = False
@@ -100,8 +100,7 @@ def deploy(opts: DeployOptions) -> int:
     agents = [h for h in hosts if h.role == "agent"]
     if not agents:
         raise TestbedError(f"{opts.inventory}: no agent hosts (every host has testbed_role=aggregator)")
-    known = KnownHosts(opts.known_hosts, opts.accept_new_host_keys)
-    sessions = open_sessions(hosts, known, agent_modules(cfg), opts.bootstrap)
+    sessions = open_sessions(hosts, known_hosts(hosts, opts), agent_modules(cfg), opts.bootstrap)
     try:
         if opts.check_only:
             return 0
@@ -109,6 +108,16 @@ def deploy(opts: DeployOptions) -> int:
     finally:
         for s in sessions.values():
             s.client.close()
+
+
+def known_hosts(hosts: list[Host], opts: DeployOptions) -> dict[str, KnownHosts]:
+    """Host -> the known_hosts file its key is checked against (hosts naming one file share it)."""
+    files: dict[Path, KnownHosts] = {}
+    out = {}
+    for h in hosts:
+        path = opts.known_hosts or Path(h.known_hosts or "~/.ssh/known_hosts").expanduser()
+        out[h.name] = files.setdefault(path, KnownHosts(path, opts.accept_new_host_keys))
+    return out
 
 
 def agent_modules(cfg: ExperimentConfig) -> dict[str, str]:
@@ -130,18 +139,19 @@ def canonical(name: str) -> str:
 
 # -- connecting and checking -----------------------------------------------------------------
 
-def open_sessions(hosts: list[Host], known: KnownHosts, modules: dict[str, str],
+def open_sessions(hosts: list[Host], known: dict[str, KnownHosts], modules: dict[str, str],
                   bootstrap: bool) -> dict[str, Session]:
     """Connect to and check every host at once; report every problem, then fail if there was one."""
     def one(host: Host) -> Session | str:
         try:
-            return ready(host, known, modules, bootstrap)
+            return ready(host, known[host.name], modules, bootstrap)
         except (HostProblem, OSError, paramiko.SSHException) as exc:
             return f"{where(host)}: {exc}"
 
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         ordered = list(pool.map(one, hosts))
-    known.save_new()
+    for k in known.values():
+        k.save_new()  # once per file: saving empties its list
     problems = [r for r in ordered if isinstance(r, str)]
     sessions = {r.host.name: r for r in ordered if isinstance(r, Session)}
     for s in sessions.values():

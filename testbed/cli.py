@@ -60,14 +60,25 @@ def parser() -> argparse.ArgumentParser:
                      help="override a config key (repeatable)")
     dep.add_argument("--out", help="run directory here (default: runs/<config name>-<time>); its name names the "
                                    "hosts' run directories")
-    dep.add_argument("--known-hosts", default="~/.ssh/known_hosts", metavar="FILE",
-                     help="host keys to verify against (default: ~/.ssh/known_hosts)")
+    dep.add_argument("--known-hosts", metavar="FILE",
+                     help="host keys to verify against (default: each host's testbed_known_hosts, else "
+                          "~/.ssh/known_hosts)")
     dep.add_argument("--accept-new-host-keys", action="store_true",
                      help="trust hosts whose key is not in known_hosts yet and add it (a changed key is still refused)")
     dep.add_argument("--bootstrap", action="store_true",
                      help="install missing packages with pip into a venv in each host's workdir")
     dep.add_argument("--check", action="store_true", help="connect to and check every host, then stop")
     dep.set_defaults(func=cmd_deploy)
+    lab = sub.add_parser("lab", help="the emulated lab: each inventory host a network namespace, sshd and cgroup here")
+    actions = lab.add_subparsers(required=True, metavar="ACTION")
+    for action, text in (("up", "build the lab an inventory describes (root)"),
+                         ("down", "remove everything the lab made (root)"),
+                         ("status", "show what of the lab exists")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument("-i", "--inventory", required=action == "up", help="the lab's inventory")
+        a.add_argument("--name", help="lab name (default: the inventory's file name without suffix)")
+        a.add_argument("--dir", help="lab directory (default: .lab/NAME)")
+        a.set_defaults(func=cmd_lab, action=action)
     return p
 
 
@@ -153,8 +164,34 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
-    return deploy(DeployOptions(args.inventory, args.config, out, Path(args.known_hosts).expanduser(), args.set,
-                                args.accept_new_host_keys, args.bootstrap, args.check))
+    known = Path(args.known_hosts).expanduser() if args.known_hosts else None
+    return deploy(DeployOptions(args.inventory, args.config, out, known, args.set, args.accept_new_host_keys,
+                                args.bootstrap, args.check))
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from launch import lab
+
+    if args.action == "up":
+        state = lab.up(lab.lab_spec(args.inventory, args.name, args.dir))
+        print(lab.status_table(state), end="")
+        print(f"testbed: lab {state.name} is up; `testbed lab down --dir {state.dir}` removes it", file=sys.stderr)
+        return 0
+    if not (args.inventory or args.name or args.dir):
+        raise TestbedError(f"lab {args.action}: name the lab with -i INVENTORY, --name or --dir")
+    directory = lab.lab_dir(args.name or Path(args.inventory or ".").stem, args.dir)
+    state = lab.load_state(directory)
+    if state is None:
+        print(f"testbed: no lab in {directory}", file=sys.stderr)
+        return 0
+    if args.action == "status":
+        print(lab.status_table(state), end="")
+        return 0
+    lab.check_machine("down")
+    done = lab.down(state)
+    print(f"testbed: lab {state.name} down: ended {done.processes} processes, removed {done.namespaces} "
+          f"namespaces, {done.cgroups} cgroups and {state.dir}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Three forms are read: YAML (`all:` / `children:` / `hosts:` / `vars:`), INI (`[g
 ansible merges them: `all`, then groups from the shallowest to the deepest (siblings by name),
 then the host's own.  A host's connection comes from the `ansible_*` variables; the testbed
 reads `testbed_profile` (a device class), `testbed_memory_mb`, `testbed_role` (`agent` or
-`aggregator`) and `testbed_workdir`.
+`aggregator`), `testbed_workdir` and `testbed_known_hosts`.  Of ansible's templating, the magic
+variables `{{ inventory_dir }}`, `{{ inventory_file }}` (absolute) and `{{ inventory_hostname }}`
+are replaced in string values, so that an inventory can name files beside itself.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Host:
     memory_mb: float = 0.0  # testbed_memory_mb: the training budget; 0 = the class default
     role: str = "agent"
     workdir: str = "testbed-runs"  # testbed_workdir, relative to the login directory unless absolute
+    known_hosts: str = ""  # testbed_known_hosts: verify host keys against this file; empty: ~/.ssh/known_hosts
     groups: list[str] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict)
 
@@ -218,12 +221,22 @@ def _hosts(groups: dict[str, _Group], where: str) -> list[Host]:
     for host, (merged, member_of) in found.items():
         for name in order:
             merged.update(groups[name].hosts.get(host, {}))  # the host's own vars win
-        out.append(_host(host, merged, member_of, where))
+        out.append(_host(host, _magic(merged, host, where), member_of, where))
     if not out:
         raise TestbedError(f"{where}: no hosts")
     if sum(h.role == "aggregator" for h in out) > 1:
         raise TestbedError(f"{where}: more than one host has testbed_role=aggregator")
     return out
+
+
+MAGIC = re.compile(r"\{\{\s*(inventory_dir|inventory_file|inventory_hostname)\s*\}\}")
+
+
+def _magic(v: dict, host: str, where: str) -> dict:
+    """Replace ansible's magic variables in string values (nothing else of Jinja)."""
+    path = Path(where).resolve()
+    known = {"inventory_dir": str(path.parent), "inventory_file": str(path), "inventory_hostname": host}
+    return {k: MAGIC.sub(lambda m: known[m.group(1)], x) if isinstance(x, str) else x for k, x in v.items()}
 
 
 def _members(groups: dict[str, _Group], name: str, seen: frozenset = frozenset()) -> list[str]:
@@ -271,7 +284,8 @@ def _host(name: str, v: dict, groups: list[str], where: str) -> Host:
     return Host(name=name, address=str(v.get("ansible_host", name)), port=port, user=str(v.get("ansible_user", "")),
                 key_file=str(v.get("ansible_ssh_private_key_file", "")),
                 python=str(v.get("ansible_python_interpreter", "python3")), profile=profile, memory_mb=memory,
-                role=role, workdir=str(v.get("testbed_workdir", "testbed-runs")), groups=groups, vars=dict(v))
+                role=role, workdir=str(v.get("testbed_workdir", "testbed-runs")),
+                known_hosts=str(v.get("testbed_known_hosts", "")), groups=groups, vars=dict(v))
 
 
 def _mapping(value: Any, what: str, where: str) -> dict:

@@ -120,3 +120,13 @@ def test_fuzzed_inventories_give_hosts_or_a_clear_error(tmp_path, suffix, text):
         assert load_inventory(path)
     except TestbedError as exc:
         assert str(path) in str(exc)
+
+
+def test_ansible_magic_variables_name_files_beside_the_inventory(tmp_path):
+    (tmp_path / "inv.ini").write_text("[lab]\nh1 ansible_host=10.0.0.2\n[lab:vars]\n"
+                                      "ansible_ssh_private_key_file='{{ inventory_dir }}/keys/id'\n"
+                                      "testbed_workdir='/w/{{inventory_hostname}}'\n"
+                                      "testbed_known_hosts='{{ inventory_file }}.known {{ other }}'\n")
+    (h,) = load_inventory(tmp_path / "inv.ini")
+    assert h.key_file == f"{tmp_path.resolve()}/keys/id" and h.workdir == "/w/h1"
+    assert h.known_hosts == f"{tmp_path.resolve()}/inv.ini.known {{{{ other }}}}"  # nothing else of Jinja
