@@ -1,0 +1,61 @@
+"""`testbed deploy` into the emulated lab (root, cgroup v1): hosts are network namespaces with
+their own sshd, CPU quota, memory limit and link, which the deployment cannot tell from a real lab."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from launch import lab
+from tests.conftest import ROOT, tiny_config
+from tests.test_deploy import ENV, run_processes, write_config
+from tests.test_lab import lab_test, leftovers
+
+# this test run's own subnets and lab names, so that another lab on the machine does not clash
+SUBNET, SUBNET_CPU = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (216, 217))
+NAME = f"d{os.getpid() % 100000}"
+
+
+def lab_inventory(path: Path, subnet: str, hosts: dict[str, dict]) -> Path:
+    path.write_text(yaml.safe_dump({"all": {"vars": {
+        "testbed_lab_subnet": f"{subnet}.0/24", "ansible_user": "root",
+        "ansible_ssh_private_key_file": "{{ inventory_dir }}/keys/id_ed25519",
+        "testbed_known_hosts": "{{ inventory_dir }}/keys/known_hosts",
+        "ansible_python_interpreter": sys.executable,
+        "testbed_workdir": "{{ inventory_dir }}/work",
+        "testbed_memory_mb": 1536, "testbed_bandwidth_mbit": 200}, "hosts": hosts}}))
+    return path
+
+
+def deploy(inv: Path, config: Path, out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "testbed.cli", "deploy", "-i", str(inv), str(config), "--out", str(out)]
+    return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@lab_test
+def test_lab_up_deploy_two_fedlora_rounds_on_three_hosts_lab_down_leaves_nothing(tiny_bert, tmp_path):
+    hosts = {f"h{i}": {"ansible_host": f"{SUBNET}.{10 + i}", "testbed_cpu": 1.0} for i in (1, 2, 3)}
+    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET, hosts)
+    state = lab.up(lab.lab_spec(inv, NAME, str(tmp_path / "lab")))
+    try:
+        out = tmp_path / "runs" / "ci"
+        proc = deploy(inv, write_config(tmp_path, tiny_config(tiny_bert, **{"dist.profile": False})), out)
+        sshd = list(state.pids.values())
+    finally:
+        lab.down(state)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "fedlora" and summary["rounds"] == 2 and summary["failures"] == []
+    assert [sorted(d["device"] for d in r["devices"]) for r in rows(out)] == [["h1", "h2", "h3"]] * 2
+    for h in hosts:
+        assert f"serves {h}" in (out / "agents" / f"{h}.log").read_text()
+    assert leftovers(state, sshd) == []  # namespaces, links, cgroups, sshd, the lab's files
+    assert not run_processes(str(tmp_path))  # no rank of the run, here or in the lab
