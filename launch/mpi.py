@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from testbed.aggregator import Aggregator
 from testbed.config import ExperimentConfig, load_config
-from testbed.dist import DistTransport, Joined
+from testbed.dist import DistTransport, Joined, patience_s
 from testbed.errors import TestbedError
 from testbed.experiment import Experiment, setup
 
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = setup(cfg)
-    transport = DistTransport(list(exp.devices), agents, key, getattr(torch, cfg.wire.dtype), cfg.dist.deadline_s)
+    transport = DistTransport(list(exp.devices), agents, key, getattr(torch, cfg.wire.dtype), cfg.dist.deadline_s,
+                              patience_s(cfg))
     try:
         use_measured(exp, transport.join(exp.info), out / "profiles")
         Aggregator(exp, transport, out).run()

@@ -164,6 +164,34 @@ def test_malformed_reply_is_rejected_and_logged(tiny_bert, tmp_path):
     assert "RESULT rejected rejected" in outs[0], outs[0]
 
 
+def test_a_patient_receive_outlasts_the_process_group_timeout(tmp_path):
+    """Agents wait for peers that are slow to join and for the slowest device of every round."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE.format(root=str(ROOT)))
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert "RESULT late" in outs[0], outs
+
+
+LATE = '''
+import os, sys, time
+from datetime import timedelta
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from testbed.dist import recv_bytes, send_bytes
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2, timeout=timedelta(seconds=2))
+if dist.get_rank() == 1:
+    time.sleep(5)  # more than twice the process group's timeout
+    send_bytes(memoryview(b"late"), 0)
+    time.sleep(1)
+else:
+    print("RESULT", bytes(recv_bytes(1, wait_s=60)).decode(), flush=True)
+os._exit(0)
+'''
+
+
 def _free_port() -> int:
     import socket
 

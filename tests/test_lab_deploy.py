@@ -59,3 +59,28 @@ def test_lab_up_deploy_two_fedlora_rounds_on_three_hosts_lab_down_leaves_nothing
         assert f"serves {h}" in (out / "agents" / f"{h}.log").read_text()
     assert leftovers(state, sshd) == []  # namespaces, links, cgroups, sshd, the lab's files
     assert not run_processes(str(tmp_path))  # no rank of the run, here or in the lab
+
+
+@lab_test
+def test_on_the_wall_clock_legend_gives_a_quarter_cpu_host_a_lighter_plan_than_a_whole_cpu_host(tiny_bert, tmp_path):
+    """Both hosts are of the same class: only what their agents measure under their quotas differs."""
+    hosts = {"quarter": {"ansible_host": f"{SUBNET_CPU}.10", "testbed_cpu": 0.25},
+             "whole": {"ansible_host": f"{SUBNET_CPU}.11", "testbed_cpu": 1.0}}
+    for h in hosts.values():
+        h["testbed_profile"] = "reference"
+    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET_CPU, hosts)
+    cfg = tiny_config(tiny_bert, rounds=1, clock="wall", strategy={"name": "legend", "deadline_device": "fastest"})
+    state = lab.up(lab.lab_spec(inv, f"{NAME}c", str(tmp_path / "lab")))
+    try:
+        out = tmp_path / "runs" / "cpu"
+        proc = deploy(inv, write_config(tmp_path, cfg), out)
+    finally:
+        lab.down(state)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = {h: yaml.safe_load((out / "profiles" / f"rank-{rank}.yaml").read_text())
+                for rank, h in ((1, "quarter"), (2, "whole"))}
+    step = {h: sum(p["forward_frozen_s"]) + sum(p["backward_s"][min(p["backward_s"])]) for h, p in measured.items()}
+    assert step["quarter"] > 2 * step["whole"], step
+    (row,) = rows(out)
+    depth = {d["device"]: d["layers"] for d in row["devices"]}
+    assert depth["quarter"] < depth["whole"], depth
