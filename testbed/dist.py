@@ -32,6 +32,10 @@ from testbed.transport import Failure, Job, RoundResult
 from testbed.wire import Message, WireError, pack, plan_message, read_update, unpack
 
 log = logging.getLogger("testbed.dist")
+# Gloo closes every connection of a process once any one receive times out, so rank 0 never lets
+# an update's receive time out: it keeps the round's deadline itself, and a receive from a rank
+# that missed it is left waiting (the rank is not used again).
+UNBOUNDED_S = 10 * 365 * 24 * 3600.0
 MAX_MESSAGE = 1 << 31  # bytes; anything longer is refused before allocating it
 PROBES = (1,) * 5 + (1 << 20,) * 3  # echoed at join: latency from the small ones, bandwidth from the large
 
@@ -172,7 +176,7 @@ class DistTransport:
             try:
                 sent = send_bytes(pack(plan_message(round, device, self.seq[rank], job.plan, job.lora, job.head),
                                        self.key, self.dtype), rank)
-                buf = recv_bytes(rank)
+                buf = recv_bytes(rank, UNBOUNDED_S)
                 reply = self._check(unpack(buf, self.key), round, device)
                 if reply.kind == "failure":  # the device could not train this plan; the rank goes on
                     failed[device] = (str(reply.meta.get("kind", "error")), str(reply.meta.get("detail", "")))

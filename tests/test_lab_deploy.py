@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from launch import lab
@@ -18,6 +20,24 @@ from tests.test_lab import lab_test, leftovers
 # this test run's own subnets and lab names, so that another lab on the machine does not clash
 SUBNET, SUBNET_CPU = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (216, 217))
 NAME = f"d{os.getpid() % 100000}"
+
+
+@pytest.fixture(scope="module")
+def small_bert(tmp_path_factory) -> str:
+    """A 4-layer random BERT whose layers take tens of milliseconds: long against the lab's 10 ms
+    CFS period, so that a CPU quota shows in every measured layer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from testbed.model import resolve_model_path
+
+    path = tmp_path_factory.mktemp("small-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=1024, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 def lab_inventory(path: Path, subnet: str, hosts: dict[str, dict]) -> Path:
@@ -62,14 +82,15 @@ def test_lab_up_deploy_two_fedlora_rounds_on_three_hosts_lab_down_leaves_nothing
 
 
 @lab_test
-def test_on_the_wall_clock_legend_gives_a_quarter_cpu_host_a_lighter_plan_than_a_whole_cpu_host(tiny_bert, tmp_path):
+def test_on_the_wall_clock_legend_gives_a_quarter_cpu_host_a_lighter_plan_than_a_whole_cpu_host(small_bert, tmp_path):
     """Both hosts are of the same class: only what their agents measure under their quotas differs."""
     hosts = {"quarter": {"ansible_host": f"{SUBNET_CPU}.10", "testbed_cpu": 0.25},
              "whole": {"ansible_host": f"{SUBNET_CPU}.11", "testbed_cpu": 1.0}}
     for h in hosts.values():
         h["testbed_profile"] = "reference"
     inv = lab_inventory(tmp_path / "lab.yaml", SUBNET_CPU, hosts)
-    cfg = tiny_config(tiny_bert, rounds=1, clock="wall", strategy={"name": "legend", "deadline_device": "fastest"})
+    cfg = tiny_config(small_bert, rounds=1, clock="wall", strategy={"name": "legend", "deadline_device": "fastest"},
+                      **{"model.max_length": 64, "train.batch_size": 16})
     state = lab.up(lab.lab_spec(inv, f"{NAME}c", str(tmp_path / "lab")))
     try:
         out = tmp_path / "runs" / "cpu"
