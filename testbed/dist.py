@@ -18,10 +18,12 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from testbed.config import ExperimentConfig
 from testbed.errors import TestbedError
 from testbed.model import ModelInfo
 from testbed.profiler import DeviceProfile, profile_from_dict
@@ -30,6 +32,10 @@ from testbed.transport import Failure, Job, RoundResult
 from testbed.wire import Message, WireError, pack, plan_message, read_update, unpack
 
 log = logging.getLogger("testbed.dist")
+# Gloo closes every connection of a process once any one receive times out, so rank 0 never lets
+# an update's receive time out: it keeps the round's deadline itself, and a receive from a rank
+# that missed it is left waiting (the rank is not used again).
+UNBOUNDED_S = 10 * 365 * 24 * 3600.0
 MAX_MESSAGE = 1 << 31  # bytes; anything longer is refused before allocating it
 PROBES = (1,) * 5 + (1 << 20,) * 3  # echoed at join: latency from the small ones, bandwidth from the large
 
@@ -51,15 +57,28 @@ def send_bytes(buf: memoryview, dst: int) -> int:
     return len(buf) + 8
 
 
-def recv_bytes(src: int) -> memoryview:
+def recv_bytes(src: int, wait_s: float = 0.0) -> memoryview:
+    """The next message from `src`; `wait_s`: how long its start may take (0: the process
+    group's timeout)."""
     n = torch.empty(1, dtype=torch.int64)
-    dist.recv(n, src)
+    if wait_s:
+        dist.irecv(n, src).wait(timedelta(seconds=wait_s))
+    else:
+        dist.recv(n, src)
     size = int(n.item())
     if not 0 < size <= MAX_MESSAGE:
         raise WireError(f"length prefix {size} from rank {src} is out of range")
     buf = torch.empty(size, dtype=torch.uint8)
     dist.recv(buf, src)
     return memoryview(buf.numpy()).cast("B")
+
+
+def patience_s(cfg: ExperimentConfig) -> float:
+    """How long a rank waits for a peer that is still connected before giving up on it: as long
+    as the whole run may take (every round up to its deadline, and as much again for joining).
+    Agents join at their own pace (profiling a large model on a slow device takes minutes) and
+    then wait for the slowest device of every round, so the deadline alone is too short."""
+    return cfg.dist.deadline_s * (cfg.rounds + 2)
 
 
 def hosts(devices: list[str], agents: int) -> dict[str, int]:
@@ -70,8 +89,10 @@ def hosts(devices: list[str], agents: int) -> dict[str, int]:
 
 
 class DistTransport:
-    def __init__(self, devices: list[str], agents: int, key: bytes, wire_dtype: torch.dtype, deadline_s: float):
+    def __init__(self, devices: list[str], agents: int, key: bytes, wire_dtype: torch.dtype, deadline_s: float,
+                 join_wait_s: float = 0.0):
         self.rank_of = hosts(devices, agents)
+        self.join_wait_s = join_wait_s  # for each agent's hello (0: the process group's timeout)
         self.agents = agents
         self.key = key
         self.dtype = wire_dtype
@@ -85,7 +106,7 @@ class DistTransport:
         for rank in range(1, self.agents + 1):
             devices = [d for d, r in self.rank_of.items() if r == rank]
             try:
-                msg = unpack(recv_bytes(rank), self.key)
+                msg = unpack(recv_bytes(rank, self.join_wait_s), self.key)
                 if msg.kind != "hello":
                     raise WireError(f"expected a hello, got a {msg.kind} message")
                 raw = msg.meta.get("profile")
@@ -155,7 +176,7 @@ class DistTransport:
             try:
                 sent = send_bytes(pack(plan_message(round, device, self.seq[rank], job.plan, job.lora, job.head),
                                        self.key, self.dtype), rank)
-                buf = recv_bytes(rank)
+                buf = recv_bytes(rank, UNBOUNDED_S)
                 reply = self._check(unpack(buf, self.key), round, device)
                 if reply.kind == "failure":  # the device could not train this plan; the rank goes on
                     failed[device] = (str(reply.meta.get("kind", "error")), str(reply.meta.get("detail", "")))
