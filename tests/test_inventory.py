@@ -36,7 +36,7 @@ def test_the_three_forms_of_the_shipped_lab_agree(tmp_path):
     assert key(load_inventory(listed)) == key(yaml_hosts)
     by = {h.name: h for h in yaml_hosts}
     assert by["agx-orin-01"].profile == "agx-orin"  # host var beats its group's
-    assert by["orin-nano-01"].profile == "orin-nano" and by["orin-nano-01"].python == "/usr/bin/python3.8"
+    assert by["orin-nano-01"].profile == "orin-nano" and by["orin-nano-01"].python == "/usr/bin/python3.10"
     assert by["tx2-02"].memory_mb == 1536 and by["tx2-02"].address == "tx2-02"
     assert by["laptop-b"].port == 2222 and by["workstation"].role == "aggregator"
     assert all(h.user == "lab" and h.key_file == "~/.ssh/testbed_lab" for h in yaml_hosts)
