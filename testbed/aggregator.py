@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import random
 import sys
 import time
@@ -62,6 +63,7 @@ class Aggregator:
         checkpoint = load_checkpoint(out) if resume else None
         if checkpoint:  # before the log rewrites the run directory: a refused resume leaves it as it was
             self.restore(checkpoint)
+            self.note_restart(out, checkpoint)
         self.log = RunLog(out, exp.cfg, checkpoint["rows"] if checkpoint else None)
 
     def checkpoint(self, r: int) -> None:
@@ -87,6 +89,18 @@ class Aggregator:
         random.setstate(c["rng"]["python"])
         torch.set_rng_state(c["rng"]["torch"])
         print(f"testbed: resuming after round {c['round']} of {self.cfg.rounds}", file=sys.stderr)
+
+    def note_restart(self, out: Path, c: dict) -> None:
+        """A run resumed after it was stopped (not one extended after it finished) records the
+        restart among its failures, with the rounds logged after the checkpoint that run again."""
+        summary = out / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text())["rounds"] == c["round"] + 1:
+            return
+        logged = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").is_file() else 0
+        redone = max(0, logged - len(c["rows"]))
+        self.failures.append({"round": c["round"] + 1, "device": "aggregator", "kind": "restart",
+                              "detail": f"stopped after round {c['round']}; resumed from its checkpoint "
+                                        f"({redone} later round(s) in the log run again)"})
 
     def run(self) -> dict:
         desc = f"{self.cfg.strategy.name}" + (" [synthetic data]" if self.exp.data.synthetic else "")

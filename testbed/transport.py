@@ -31,7 +31,7 @@ class Job:
 class Failure:
     round: int
     device: str
-    kind: str  # "crash", "timeout", "oom", "rejected", "lost" (its rank failed in an earlier round)
+    kind: str  # "crash", "timeout", "oom", "rejected", "lost" (its rank failed earlier); the aggregator's "restart"
     detail: str
 
 

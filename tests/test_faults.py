@@ -100,6 +100,7 @@ def test_a_killed_mpi_job_resumes_to_the_same_metrics(tiny_bert, tmp_path):
     resumed = cli(["run", str(config), "--launcher", "mpi", "--agents", "2", "--resume", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after round" in resumed.stderr
+    assert [f["kind"] for f in json.loads((out / "summary.json").read_text())["failures"]] == ["restart"]
     torch.set_num_threads(1)
     run_inprocess(from_dict(raw), tmp_path / "whole", quiet=True)
     assert strip_wall(rows(out)) == strip_wall(rows(tmp_path / "whole"))
