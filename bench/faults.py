@@ -139,7 +139,7 @@ def agent_config(model: str, seed: int, rounds: int, steps: int, **more) -> dict
 
 
 def agent_sigkill(model: str, seed: int, folder: Path) -> dict:
-    job = Job(folder, agent_config(model, seed, 4, 300, **{"dist.deadline_s": 120}), agents=3)
+    job = Job(folder, agent_config(model, seed, 3, 200, **{"dist.deadline_s": 120}), agents=3)
     job.start()
     victims = wait_for("agent rank 2", lambda: rank_pids(2), job.proc)
     wait_for("round 0", lambda: rows(job.out), job.proc)
@@ -167,7 +167,7 @@ def agent_sigstop(model: str, seed: int, folder: Path) -> dict:
 
 
 def agent_oom(model: str, seed: int, folder: Path) -> dict:
-    raw = tiny_config(model, seed=seed, rounds=3, devices={"laptop": 2, "jetson-tx2": {"count": 1, "memory_mb": 1}},
+    raw = tiny_config(model, seed=seed, rounds=2, devices={"laptop": 2, "jetson-tx2": {"count": 1, "memory_mb": 1}},
                       **{"dist.profile": False})
     job = Job(folder, raw, agents=3)
     job.start()
