@@ -10,7 +10,7 @@ import torch
 from agents.agent import Agent
 from agents.trainer import OutOfMemory
 from testbed.config import ExperimentConfig
-from testbed.dist import PROBES, hosts, recv_bytes, send_bytes
+from testbed.dist import PROBES, hosts, patience_s, recv_bytes, send_bytes
 from testbed.errors import TestbedError
 from testbed.experiment import Experiment, setup
 from testbed.model import hold
@@ -31,7 +31,7 @@ def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
     last_seq = 0
     while True:
         try:
-            msg = unpack(recv_bytes(0), key)
+            msg = unpack(recv_bytes(0, patience_s(cfg)), key)
         except RuntimeError as exc:  # gloo: the aggregator's connection closed
             raise TestbedError(f"rank {rank}: lost the aggregator (rank 0): {str(exc).splitlines()[0]}") from None
         except WireError as exc:
@@ -66,5 +66,5 @@ def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
         log.info("profiled this device in %.1f s", time.perf_counter() - start)
     hello = Message("hello", -1, "", 0, {"profile": None if profile is None else dataclasses.asdict(profile)})
     send_bytes(pack(hello, key), 0)
-    for _ in PROBES:
-        send_bytes(recv_bytes(0), 0)
+    for _ in PROBES:  # rank 0 times the links one agent after the other: the first probe may take long
+        send_bytes(recv_bytes(0, patience_s(cfg)), 0)

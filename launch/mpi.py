@@ -27,7 +27,7 @@ import torch.distributed as dist
 from testbed.aggregator import Aggregator
 from testbed.cli import check_same_experiment
 from testbed.config import ExperimentConfig, load_config
-from testbed.dist import DistTransport, Joined
+from testbed.dist import DistTransport, Joined, patience_s
 from testbed.errors import TestbedError
 from testbed.experiment import Experiment, setup
 
@@ -42,6 +42,27 @@ def world() -> tuple[int, int, str]:
         if rank_var in os.environ and size_var in os.environ:
             return int(os.environ[rank_var]), int(os.environ[size_var]), launcher
     raise TestbedError("launch.mpi: no rank in the environment; start it with mpirun, mpiexec or torchrun")
+
+
+def route_address(host: str) -> str:
+    """This machine's IPv4 address on the route to `host`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # a UDP connect sends nothing: it only asks the routing table
+        except OSError as exc:
+            raise TestbedError(f"no route to {host}: {exc.strerror or exc}") from None
+        return s.getsockname()[0]
+
+
+def route_interface(host: str) -> str:
+    """The interface this machine reaches `host` through."""
+    import psutil
+
+    local = route_address(host)
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    raise TestbedError(f"no interface holds {local}, the address on the route to {host}")
 
 
 def interface_address(ifname: str) -> str:
@@ -65,6 +86,10 @@ def rendezvous(cfg: ExperimentConfig, rank: int, size: int, launcher: str) -> by
         os.environ["GLOO_SOCKET_IFNAME"] = cfg.dist.ifname
     timeout = timedelta(seconds=max(60.0, cfg.dist.deadline_s))
     if launcher == "torchrun":
+        if not cfg.dist.ifname and "GLOO_SOCKET_IFNAME" not in os.environ and os.environ.get("MASTER_ADDR"):
+            # gloo would otherwise bind to the address of this machine's name, which a host in
+            # another network (or namespace) may not reach
+            os.environ["GLOO_SOCKET_IFNAME"] = route_interface(os.environ["MASTER_ADDR"])
         dist.init_process_group(cfg.dist.backend, rank=rank, world_size=size, timeout=timeout)
         return read_secret()
     from mpi4py import MPI
@@ -124,7 +149,8 @@ def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argpars
     out = Path(args.resume or args.out or
                Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     exp = setup(cfg)
-    transport = DistTransport(list(exp.devices), agents, key, getattr(torch, cfg.wire.dtype), cfg.dist.deadline_s)
+    transport = DistTransport(list(exp.devices), agents, key, getattr(torch, cfg.wire.dtype), cfg.dist.deadline_s,
+                              patience_s(cfg))
     try:
         joined = transport.join(exp.info)
         if args.resume:  # checked here too for torchrun users; after joining, so that the agents are told bye

@@ -66,6 +66,22 @@ def parser() -> argparse.ArgumentParser:
     hf = sub.add_parser("hostfile", help="print an Open MPI hostfile for an inventory (aggregator first)")
     hf.add_argument("-i", "--inventory", required=True, help="inventory: YAML, INI, or ansible-inventory --list JSON")
     hf.set_defaults(func=cmd_hostfile)
+    dep = sub.add_parser("deploy", help="run an experiment on the hosts of an inventory, over SSH")
+    dep.add_argument("config")
+    dep.add_argument("-i", "--inventory", required=True, help="inventory: YAML, INI, or ansible-inventory --list JSON")
+    dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (repeatable)")
+    dep.add_argument("--out", help="run directory here (default: runs/<config name>-<time>); its name names the "
+                                   "hosts' run directories")
+    dep.add_argument("--known-hosts", metavar="FILE",
+                     help="host keys to verify against (default: each host's testbed_known_hosts, else "
+                          "~/.ssh/known_hosts)")
+    dep.add_argument("--accept-new-host-keys", action="store_true",
+                     help="trust hosts whose key is not in known_hosts yet and add it (a changed key is still refused)")
+    dep.add_argument("--bootstrap", action="store_true",
+                     help="install missing packages with pip into a venv in each host's workdir")
+    dep.add_argument("--check", action="store_true", help="connect to and check every host, then stop")
+    dep.set_defaults(func=cmd_deploy)
     lab = sub.add_parser("lab", help="the emulated lab: each inventory host a network namespace, sshd and cgroup here")
     actions = lab.add_subparsers(required=True, metavar="ACTION")
     for action, text in (("up", "build the lab an inventory describes (root)"),
@@ -166,6 +182,16 @@ def cmd_hostfile(args: argparse.Namespace) -> int:
 
     print(hostfile(load_inventory(args.inventory)), end="")
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from launch.deploy import DeployOptions, deploy
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
+    known = Path(args.known_hosts).expanduser() if args.known_hosts else None
+    return deploy(DeployOptions(args.inventory, args.config, out, known, args.set, args.accept_new_host_keys,
+                                args.bootstrap, args.check))
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -88,6 +88,7 @@ class DeviceSpec:
     count: int = option(1, lo=1)
     memory_mb: float = option(0.0, lo=0, doc="training memory budget; 0 = the class default")
     speed: float = option(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
+    device_class: str = option("", doc="set: the key names one device (a host), of this class")
 
 
 @dataclass

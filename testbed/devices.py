@@ -62,14 +62,23 @@ class Device:
 
 
 def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices") -> list[Device]:
+    """`{class: spec}` gives `count` devices named class-0, class-1, ...; a spec with a
+    `device_class` is one device named by its key (deployments name devices after hosts)."""
     out = []
-    for cls_name, spec in mix.items():
+    for key, spec in mix.items():
+        cls_name = spec.device_class or key
         if cls_name not in CLASSES:
             raise TestbedError(f"{source}: unknown device class {cls_name!r} (known: {', '.join(CLASSES)})")
+        if spec.device_class and spec.count != 1:
+            raise TestbedError(f"{source}.{key}: a device named by its key (device_class set) has count 1")
         c = CLASSES[cls_name]
-        for i in range(spec.count):
-            out.append(Device(f"{cls_name}-{i}", cls_name, spec.speed or c.speed,
-                              spec.memory_mb or c.memory_mb, c.bandwidth_mbit, c.latency_ms))
+        names = [key] if spec.device_class else [f"{key}-{i}" for i in range(spec.count)]
+        for name in names:
+            out.append(Device(name, cls_name, spec.speed or c.speed, spec.memory_mb or c.memory_mb,
+                              c.bandwidth_mbit, c.latency_ms))
     if not out:
         raise TestbedError(f"{source}: no devices")
+    names = [d.name for d in out]
+    if dup := next((n for n in names if names.count(n) > 1), None):
+        raise TestbedError(f"{source}: two devices are named {dup!r}")
     return out

@@ -21,10 +21,12 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from testbed.config import ExperimentConfig
 from testbed.errors import TestbedError
 from testbed.model import ModelInfo
 from testbed.profiler import DeviceProfile, profile_from_dict
@@ -33,6 +35,10 @@ from testbed.transport import PERSONAL_ON_AGENTS, Failure, Job, RoundResult, ref
 from testbed.wire import Message, WireError, pack, plan_message, read_update, unpack
 
 log = logging.getLogger("testbed.dist")
+# Gloo closes every connection of a process once any one receive times out, so rank 0 never lets
+# an update's receive time out: it keeps the round's deadline itself, and a receive from a rank
+# that missed it is left waiting (the rank is not used again).
+UNBOUNDED_S = 10 * 365 * 24 * 3600.0
 MAX_MESSAGE = 1 << 31  # bytes; anything longer is refused before allocating it
 PROBES = (1,) * 5 + (1 << 20,) * 3  # echoed at join: latency from the small ones, bandwidth from the large
 
@@ -54,15 +60,28 @@ def send_bytes(buf: memoryview, dst: int) -> int:
     return len(buf) + 8
 
 
-def recv_bytes(src: int) -> memoryview:
+def recv_bytes(src: int, wait_s: float = 0.0) -> memoryview:
+    """The next message from `src`; `wait_s`: how long its start may take (0: the process
+    group's timeout)."""
     n = torch.empty(1, dtype=torch.int64)
-    dist.recv(n, src)
+    if wait_s:
+        dist.irecv(n, src).wait(timedelta(seconds=wait_s))
+    else:
+        dist.recv(n, src)
     size = int(n.item())
     if not 0 < size <= MAX_MESSAGE:
         raise WireError(f"length prefix {size} from rank {src} is out of range")
     buf = torch.empty(size, dtype=torch.uint8)
     dist.recv(buf, src)
     return memoryview(buf.numpy()).cast("B")
+
+
+def patience_s(cfg: ExperimentConfig) -> float:
+    """How long a rank waits for a peer that is still connected before giving up on it: as long
+    as the whole run may take (every round up to its deadline, and as much again for joining).
+    Agents join at their own pace (profiling a large model on a slow device takes minutes) and
+    then wait for the slowest device of every round, so the deadline alone is too short."""
+    return cfg.dist.deadline_s * (cfg.rounds + 2)
 
 
 def hosts(devices: list[str], agents: int) -> dict[str, int]:
@@ -73,8 +92,10 @@ def hosts(devices: list[str], agents: int) -> dict[str, int]:
 
 
 class DistTransport:
-    def __init__(self, devices: list[str], agents: int, key: bytes, wire_dtype: torch.dtype, deadline_s: float):
+    def __init__(self, devices: list[str], agents: int, key: bytes, wire_dtype: torch.dtype, deadline_s: float,
+                 join_wait_s: float = 0.0):
         self.rank_of = hosts(devices, agents)
+        self.join_wait_s = join_wait_s  # for each agent's hello (0: the process group's timeout)
         self.agents = agents
         self.key = key
         self.dtype = wire_dtype
@@ -82,6 +103,7 @@ class DistTransport:
         self.lost: dict[int, str] = {}  # rank -> why it is no longer used
         self.late: dict[int, tuple[threading.Thread, dict]] = {}  # rank -> its thread past a deadline, its errors
         self.personal: set[str] = set()  # devices whose agents hold personal layers
+        self.unjoined: list[tuple[str, str]] = []  # (device, why) of ranks that failed to join: reported once
         self.seq = dict.fromkeys(self.rank_of.values(), 0)  # per rank: only its own thread touches it
 
     def join(self, info: ModelInfo) -> dict[int, Joined]:
@@ -90,7 +112,7 @@ class DistTransport:
         for rank in range(1, self.agents + 1):
             devices = [d for d, r in self.rank_of.items() if r == rank]
             try:
-                msg = unpack(recv_bytes(rank), self.key)
+                msg = unpack(recv_bytes(rank, self.join_wait_s), self.key)
                 if msg.kind != "hello":
                     raise WireError(f"expected a hello, got a {msg.kind} message")
                 raw = msg.meta.get("profile")
@@ -104,6 +126,7 @@ class DistTransport:
             except (WireError, TestbedError, RuntimeError) as exc:
                 self.lost[rank] = f"rank {rank}: failed to join: {str(exc).splitlines()[0]}"
                 log.warning("%s", self.lost[rank])
+                self.unjoined += [(d, self.lost[rank]) for d in devices]
                 continue
             small, large = statistics.median(times[:5]), statistics.median(times[5:])
             mbit, ms = 2 * 8 * PROBES[-1] / max(large - small, 1e-9) / 1e6, 1000 * small / 2
@@ -128,7 +151,8 @@ class DistTransport:
         return [d for d in devices if self.rank_of[d] not in self.lost and self.rank_of[d] not in self.late]
 
     def run_round(self, round: int, jobs: dict[str, Job]) -> RoundResult:
-        result = RoundResult()
+        result = RoundResult(failures=[Failure(round, d, "join", why) for d, why in self.unjoined])
+        self.unjoined = []
         by_rank: dict[int, list[str]] = {}
         self.personal.update(d for d, job in jobs.items() if any(job.plan.ranks.get(l, 0) > 0
                                                                  for l in job.plan.personal))
@@ -180,7 +204,7 @@ class DistTransport:
             try:
                 sent = send_bytes(pack(plan_message(round, device, self.seq[rank], job.plan, job.lora, job.head),
                                        self.key, self.dtype), rank)
-                buf = recv_bytes(rank)
+                buf = recv_bytes(rank, UNBOUNDED_S)
                 reply = self.receive(buf, round, device, self.seq[rank])
                 if isinstance(reply, Failure):  # the device could not train this plan; the rank goes on
                     failed[device] = (reply.kind, reply.detail)

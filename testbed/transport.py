@@ -31,7 +31,8 @@ class Job:
 class Failure:
     round: int
     device: str
-    kind: str  # "crash", "timeout", "oom", "rejected", "lost" (its rank failed earlier); the aggregator's "restart"
+    kind: str  # "crash", "timeout", "oom", "rejected", "join" (its rank never joined), "lost" (its rank failed
+    # earlier); the aggregator's "restart"
     detail: str
 
 

@@ -152,6 +152,77 @@ def test_malformed_reply_is_rejected_and_logged(tiny_bert, tmp_path):
     assert "RESULT rejected rejected" in outs[0], outs[0]
 
 
+def test_a_patient_receive_outlasts_the_process_group_timeout(tmp_path):
+    """Agents wait for peers that are slow to join and for the slowest device of every round."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE.format(root=str(ROOT)))
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert "RESULT late" in outs[0], outs
+
+
+LATE = '''
+import os, sys, time
+from datetime import timedelta
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from testbed.dist import recv_bytes, send_bytes
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2, timeout=timedelta(seconds=2))
+if dist.get_rank() == 1:
+    time.sleep(5)  # more than twice the process group's timeout
+    send_bytes(memoryview(b"late"), 0)
+    time.sleep(1)
+else:
+    print("RESULT", bytes(recv_bytes(1, wait_s=60)).decode(), flush=True)
+os._exit(0)
+'''
+
+
+def test_a_rank_that_misses_its_deadline_does_not_take_the_others_down(tmp_path):
+    """Rank 2 takes a plan and never answers; rank 1 goes on answering, past the process group's timeout."""
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG.format(root=str(ROOT)))
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "3"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1, 2)]
+    out = procs[0].communicate(timeout=120)[0]
+    for p in procs[1:]:
+        p.kill()
+    assert "ROUND 0 ['d1'] [('d2', 'timeout')]" in out, out
+    assert "ROUND 3 ['d1'] [('d2', 'lost')]" in out, out  # 4 s after the timeout, rank 1 still serves
+
+
+HUNG = '''
+import os, sys, time
+from datetime import timedelta
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from testbed.dist import DistTransport, recv_bytes, send_bytes
+from testbed.plan import Plan, Update
+from testbed.transport import Job
+from testbed.wire import pack, unpack, update_message
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=3, timeout=timedelta(seconds=2))
+key = b"k" * 32
+if dist.get_rank() == 1:
+    for r in range(4):
+        msg = unpack(recv_bytes(0, 60), key)
+        update = Update("d1", r, {{}}, {{"w": torch.ones(2)}}, 1, {{}}, 1, 0.5)
+        send_bytes(pack(update_message(update, msg.seq), key), 0)
+elif dist.get_rank() == 2:
+    recv_bytes(0, 60)  # takes its plan, never answers, and stays connected
+    time.sleep(60)
+else:
+    t = DistTransport(["d1", "d2"], 2, key, torch.float32, 1.0)
+    for r in range(4):
+        res = t.run_round(r, {{d: Job(Plan(ranks={{}}), {{}}, {{"w": torch.zeros(2)}}) for d in ("d1", "d2")}})
+        print("ROUND", r, sorted(res.updates), [(f.device, f.kind) for f in res.failures], flush=True)
+        time.sleep(1.5)
+os._exit(0)
+'''
+
+
 def _free_port() -> int:
     import socket
 

@@ -124,3 +124,38 @@ def test_resume_is_refused_where_agents_kept_personal_layers(tiny_bert, tmp_path
     run_inprocess(from_dict(raw), tmp_path / "local", quiet=True)
     again = cli(["run", str(config), "--launcher", "mpi", "--resume", str(tmp_path / "local"), "--set", "rounds=2"])
     assert again.returncode == 2 and "resume it in-process" in again.stderr, again.stderr
+
+
+def test_an_agent_with_the_wrong_secret_cannot_join_and_is_on_record(tiny_bert, tmp_path):
+    """torchrun-style ranks, each reading the secret from its file: rank 2's is another, so its
+    hello fails the digest; rank 0 logs it, runs without its device and records it."""
+    config = write_config(tmp_path, tiny_config(tiny_bert, devices={"laptop": 2}, **{"dist.profile": False}))
+    secrets = {}
+    for name in ("right", "wrong"):
+        secrets[name] = tmp_path / name
+        secrets[name].write_bytes(os.urandom(16).hex().encode())
+    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.mpi", str(config), "--out", str(out)], cwd=ROOT,
+                              env={**env, "RANK": str(rank), "TESTBED_SECRET_FILE": str(secrets[which])},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, which in ((0, "right"), (1, "right"), (2, "wrong"))]
+    try:
+        log = procs[0].communicate(timeout=240)[0]
+    finally:
+        for p in procs[1:]:
+            p.kill()  # rank 2 waits for a rank 0 that gave up on it
+            p.wait()
+    assert procs[0].returncode == 0, log[-3000:]
+    assert "rank 2: failed to join: digest mismatch" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(f["device"], f["kind"], f["round"]) for f in summary["failures"]] == [("laptop-1", "join", 0)]
+    assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in rows(out))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,107 @@
+"""`testbed deploy` into the emulated lab (root, cgroup v1): hosts are network namespaces with
+their own sshd, CPU quota, memory limit and link, which the deployment cannot tell from a real lab."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launch import lab
+from tests.conftest import ROOT, tiny_config
+from tests.test_deploy import ENV, run_processes, write_config
+from tests.test_lab import lab_test, leftovers
+
+# this test run's own subnets and lab names, so that another lab on the machine does not clash
+SUBNET, SUBNET_CPU = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (216, 217))
+NAME = f"d{os.getpid() % 100000}"
+
+
+@pytest.fixture(scope="module")
+def small_bert(tmp_path_factory) -> str:
+    """A 4-layer random BERT whose layers take tens of milliseconds: long against the lab's 10 ms
+    CFS period, so that a CPU quota shows in every measured layer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from testbed.model import resolve_model_path
+
+    path = tmp_path_factory.mktemp("small-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=1024, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def lab_inventory(path: Path, subnet: str, hosts: dict[str, dict]) -> Path:
+    path.write_text(yaml.safe_dump({"all": {"vars": {
+        "testbed_lab_subnet": f"{subnet}.0/24", "ansible_user": "root",
+        "ansible_ssh_private_key_file": "{{ inventory_dir }}/keys/id_ed25519",
+        "testbed_known_hosts": "{{ inventory_dir }}/keys/known_hosts",
+        "ansible_python_interpreter": sys.executable,
+        "testbed_workdir": "{{ inventory_dir }}/work",
+        "testbed_memory_mb": 1536, "testbed_bandwidth_mbit": 200}, "hosts": hosts}}))
+    return path
+
+
+def deploy(inv: Path, config: Path, out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "testbed.cli", "deploy", "-i", str(inv), str(config), "--out", str(out)]
+    return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@lab_test
+def test_lab_up_deploy_two_fedlora_rounds_on_three_hosts_lab_down_leaves_nothing(tiny_bert, tmp_path):
+    hosts = {f"h{i}": {"ansible_host": f"{SUBNET}.{10 + i}", "testbed_cpu": 1.0} for i in (1, 2, 3)}
+    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET, hosts)
+    state = lab.up(lab.lab_spec(inv, NAME, str(tmp_path / "lab")))
+    try:
+        out = tmp_path / "runs" / "ci"
+        proc = deploy(inv, write_config(tmp_path, tiny_config(tiny_bert, **{"dist.profile": False})), out)
+        sshd = list(state.pids.values())
+    finally:
+        lab.down(state)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "fedlora" and summary["rounds"] == 2 and summary["failures"] == []
+    assert [sorted(d["device"] for d in r["devices"]) for r in rows(out)] == [["h1", "h2", "h3"]] * 2
+    for h in hosts:
+        assert f"serves {h}" in (out / "agents" / f"{h}.log").read_text()
+    assert leftovers(state, sshd) == []  # namespaces, links, cgroups, sshd, the lab's files
+    assert not run_processes(str(tmp_path))  # no rank of the run, here or in the lab
+
+
+@lab_test
+def test_on_the_wall_clock_legend_gives_a_quarter_cpu_host_a_lighter_plan_than_a_whole_cpu_host(small_bert, tmp_path):
+    """Both hosts are of the same class: only what their agents measure under their quotas differs."""
+    hosts = {"quarter": {"ansible_host": f"{SUBNET_CPU}.10", "testbed_cpu": 0.25},
+             "whole": {"ansible_host": f"{SUBNET_CPU}.11", "testbed_cpu": 1.0}}
+    for h in hosts.values():
+        h["testbed_profile"] = "reference"
+    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET_CPU, hosts)
+    cfg = tiny_config(small_bert, rounds=1, clock="wall", strategy={"name": "legend", "deadline_device": "fastest"},
+                      **{"model.max_length": 64, "train.batch_size": 16})
+    state = lab.up(lab.lab_spec(inv, f"{NAME}c", str(tmp_path / "lab")))
+    try:
+        out = tmp_path / "runs" / "cpu"
+        proc = deploy(inv, write_config(tmp_path, cfg), out)
+    finally:
+        lab.down(state)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = {h: yaml.safe_load((out / "profiles" / f"rank-{rank}.yaml").read_text())
+                for rank, h in ((1, "quarter"), (2, "whole"))}
+    step = {h: sum(p["forward_frozen_s"]) + sum(p["backward_s"][min(p["backward_s"])]) for h, p in measured.items()}
+    assert step["quarter"] > 2 * step["whole"], step
+    (row,) = rows(out)
+    depth = {d["device"]: d["layers"] for d in row["devices"]}
+    assert depth["quarter"] < depth["whole"], depth
