@@ -1,6 +1,6 @@
 """Entry point for a distributed run: rank 0 aggregates, ranks 1..N are agents.
 
-    mpirun --enable-recovery -np N+1 .venv/bin/python -m launch.mpi CONFIG [--set K=V]... [--out DIR]
+    mpirun --enable-recovery -np N+1 .venv/bin/python -m launch.mpi CONFIG [--set K=V]... [--out DIR | --resume DIR]
 
 Ranks come from Open MPI (OMPI_COMM_WORLD_*), MPICH/PMI (PMI_*) or torchrun (RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT).  Under MPI, rank 0 picks a free port and shares
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from testbed.aggregator import Aggregator
+from testbed.cli import check_same_experiment
 from testbed.config import ExperimentConfig, load_config
 from testbed.dist import DistTransport, Joined, patience_s
 from testbed.errors import TestbedError
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.mpi", description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", help="run directory on rank 0 (default: runs/<config name>-<time>)")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", help="run directory on rank 0 (default: runs/<config name>-<time>)")
+    where.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last complete round")
     args = ap.parse_args(argv)
     try:
         rank, size, launcher = world()
@@ -143,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argparse.Namespace) -> None:
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.resume or args.out or
+               Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     exp = setup(cfg)
     transport = DistTransport(list(exp.devices), agents, key, getattr(torch, cfg.wire.dtype), cfg.dist.deadline_s,
                               patience_s(cfg))
     try:
-        use_measured(exp, transport.join(exp.info), out / "profiles")
-        Aggregator(exp, transport, out).run()
+        joined = transport.join(exp.info)
+        if args.resume:  # checked here too for torchrun users; after joining, so that the agents are told bye
+            check_same_experiment(cfg, out / "config.yaml")
+        use_measured(exp, joined, out / "profiles")
+        Aggregator(exp, transport, out, resume=bool(args.resume)).run()
     finally:
         transport.close()
 

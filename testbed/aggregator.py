@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
+import json
 import random
 import sys
 import time
@@ -12,17 +12,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from testbed.checks import check_update
+from testbed.checks import admit
 from testbed.evaluate import evaluate
 from testbed.experiment import Experiment
-from testbed.memory import peak_rss_mb
 from testbed.metrics import RunLog, load_checkpoint, summarise, table
 from testbed.model import get_head, init_lora
-from testbed.plan import Plan, Update
+from testbed.plan import Plan
 from testbed.probe import LayerProbe, probe_layers
 from testbed.state import GlobalState
 from testbed.strategies import STRATEGIES, Context, Strategy
-from testbed.transport import Failure, Job, RoundResult, Transport
+from testbed.transport import Job, Transport
 
 
 def initial_state(exp: Experiment, max_rank: int) -> GlobalState:
@@ -45,7 +44,6 @@ def server_probe(exp: Experiment, state: GlobalState, rows: int, blocks: bool) -
                         blocks)
 
 
-log = logging.getLogger("testbed.aggregator")
 SPEED_EMA = 0.5  # weight of the previous estimate in the moving average of device speeds
 
 
@@ -63,9 +61,10 @@ class Aggregator:
         self.devices: dict[str, dict] = {}
         self.failures: list[dict] = []
         checkpoint = load_checkpoint(out) if resume else None
-        self.log = RunLog(out, exp.cfg, checkpoint["rows"] if checkpoint else None)
-        if checkpoint:
+        if checkpoint:  # before the log rewrites the run directory: a refused resume leaves it as it was
             self.restore(checkpoint)
+            self.note_restart(out, checkpoint)
+        self.log = RunLog(out, exp.cfg, checkpoint["rows"] if checkpoint else None)
 
     def checkpoint(self, r: int) -> None:
         """Everything the next round depends on, so that a resumed run continues exactly."""
@@ -91,6 +90,18 @@ class Aggregator:
         torch.set_rng_state(c["rng"]["torch"])
         print(f"testbed: resuming after round {c['round']} of {self.cfg.rounds}", file=sys.stderr)
 
+    def note_restart(self, out: Path, c: dict) -> None:
+        """A run resumed after it was stopped (not one extended after it finished) records the
+        restart among its failures, with the rounds logged after the checkpoint that run again."""
+        summary = out / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text())["rounds"] == c["round"] + 1:
+            return
+        logged = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").is_file() else 0
+        redone = max(0, logged - len(c["rows"]))
+        self.failures.append({"round": c["round"] + 1, "device": "aggregator", "kind": "restart",
+                              "detail": f"stopped after round {c['round']}; resumed from its checkpoint "
+                                        f"({redone} later round(s) in the log run again)"})
+
     def run(self) -> dict:
         desc = f"{self.cfg.strategy.name}" + (" [synthetic data]" if self.exp.data.synthetic else "")
         bar = tqdm(range(self.first_round, self.cfg.rounds), desc=desc, unit="round", initial=self.first_round,
@@ -113,7 +124,8 @@ class Aggregator:
         sent = time.perf_counter()
         result = self.transport.run_round(r, jobs)
         train_wall = time.perf_counter() - sent
-        updates = self.admitted(r, plans, result)
+        updates = admit(r, plans, result, self.exp.info, state.head,
+                        {d: len(s.train) for d, s in self.exp.data.shards.items()})
         if updates:
             strategy.aggregate(r, updates)
         state.round = r + 1
@@ -138,21 +150,6 @@ class Aggregator:
         self.log.row(row)
         self.checkpoint(r)
         return row
-
-    def admitted(self, r: int, plans: dict[str, Plan], result: RoundResult) -> list[Update]:
-        """The round's updates that are exactly what their plans asked for; the rest are failures."""
-        out = []
-        for d, plan in plans.items():
-            if d not in result.updates:
-                continue
-            u = result.updates[d]
-            problem = check_update(u, plan, self.exp.info, self.strategy.state.head, len(self.exp.data.shards[d].train))
-            if problem:
-                log.warning("round %d: rejected the update of %s: %s", r, d, problem)
-                result.failures.append(Failure(r, d, "rejected", problem))
-            else:
-                out.append(u)
-        return out
 
     def refresh_speeds(self, plans: dict, updates: list) -> None:
         """Online profile refresh: each device's speed (relative to the reference profile) follows

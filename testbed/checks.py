@@ -6,12 +6,33 @@ or tilt the weighted average.  The aggregator refuses such an update and records
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from testbed.model import ModelInfo
 from testbed.plan import HeadState, Plan, Update
+from testbed.transport import Failure, RoundResult
+
+log = logging.getLogger("testbed.aggregator")
+
+
+def admit(r: int, plans: dict[str, Plan], result: RoundResult, info: ModelInfo, head: HeadState,
+          shard_sizes: dict[str, int]) -> list[Update]:
+    """The round's updates that are exactly what their plans asked for; the rest become failures."""
+    out = []
+    for d, plan in plans.items():
+        if d not in result.updates:
+            continue
+        u = result.updates[d]
+        problem = check_update(u, plan, info, head, shard_sizes[d])
+        if problem:
+            log.warning("round %d: rejected the update of %s: %s", r, d, problem)
+            result.failures.append(Failure(r, d, "rejected", problem))
+        else:
+            out.append(u)
+    return out
 
 
 def check_update(update: Update, plan: Plan, info: ModelInfo, head: HeadState, shard_size: int) -> str | None:

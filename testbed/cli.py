@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     where = run.add_mutually_exclusive_group()
     where.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
     where.add_argument("--resume", metavar="DIR",
-                       help="continue the run in DIR after its last complete round (same config; rounds may grow)")
+                       help="continue the run in DIR after its last complete round (same config; rounds may grow; "
+                            "--launcher mpi: unless devices keep personal layers)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or final table")
     run.add_argument("--launcher", choices=("inprocess", "mpi"), default="inprocess",
                      help="inprocess (default): every device in this process; mpi: mpirun with N agent ranks")
@@ -95,12 +96,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.launcher == "mpi" and args.resume:
-        raise TestbedError("--resume: in-process runs only (agents keep personal layers that a restart loses)")
     cfg = load_config(args.config, args.set)
     if args.resume:
         out = Path(args.resume)
         check_same_experiment(cfg, out / "config.yaml")
+        if args.launcher == "mpi":  # refused before mpirun starts, if agents would lack what they held
+            from testbed.dist import check_resumable
+            from testbed.metrics import load_checkpoint
+
+            check_resumable(load_checkpoint(out)["transport"])
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
@@ -109,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from launch.mpirun import mpirun_command
 
         agents = args.agents or sum(d.count for d in cfg.devices.values())
-        cmd = mpirun_command(args.config, args.set, out, agents)
+        cmd = mpirun_command(args.config, args.set, out, agents, resume=bool(args.resume))
         print("testbed: " + " ".join(cmd), file=sys.stderr)
         return subprocess.run(cmd).returncode
     from testbed.run import run_inprocess

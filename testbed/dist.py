@@ -4,8 +4,11 @@ torch.distributed point-to-point (gloo on CPU).
 A message is a length prefix (one int64) then its bytes.  Rank 0 serves each agent rank
 from its own thread (send a plan, wait for the update, next device), so a slow or dead
 agent never blocks the others: a killed peer surfaces at once as a closed connection, a
-hung one at the round's deadline.  Either way its devices are left out of that round and
-of later ones (a rank's message stream cannot be resynchronised once a reply is lost).
+hung one at the round's deadline.  Either way its devices are left out of that round.  A
+rank whose reply is lost (dead, or refused) stays out for the rest of the run: its message
+stream cannot be resynchronised.  A hung rank's thread goes on waiting for the reply: if it
+comes after all, it is dropped, the stream is in step again, and the rank's devices rejoin
+from the next round that starts after it.
 
 Joining: each agent rank sends a hello with the profile it measured of its device, then
 echoes a few probe buffers, from whose round trips rank 0 measures the link.
@@ -28,7 +31,7 @@ from testbed.errors import TestbedError
 from testbed.model import ModelInfo
 from testbed.profiler import DeviceProfile, profile_from_dict
 from testbed.plan import Update
-from testbed.transport import Failure, Job, RoundResult
+from testbed.transport import PERSONAL_ON_AGENTS, Failure, Job, RoundResult, refuse_lost_personal
 from testbed.wire import Message, WireError, pack, plan_message, read_update, unpack
 
 log = logging.getLogger("testbed.dist")
@@ -98,6 +101,9 @@ class DistTransport:
         self.dtype = wire_dtype
         self.deadline_s = deadline_s
         self.lost: dict[int, str] = {}  # rank -> why it is no longer used
+        self.late: dict[int, tuple[threading.Thread, dict]] = {}  # rank -> its thread past a deadline, its errors
+        self.personal: set[str] = set()  # devices whose agents hold personal layers
+        self.unjoined: list[tuple[str, str]] = []  # (device, why) of ranks that failed to join: reported once
         self.seq = dict.fromkeys(self.rank_of.values(), 0)  # per rank: only its own thread touches it
 
     def join(self, info: ModelInfo) -> dict[int, Joined]:
@@ -120,6 +126,7 @@ class DistTransport:
             except (WireError, TestbedError, RuntimeError) as exc:
                 self.lost[rank] = f"rank {rank}: failed to join: {str(exc).splitlines()[0]}"
                 log.warning("%s", self.lost[rank])
+                self.unjoined += [(d, self.lost[rank]) for d in devices]
                 continue
             small, large = statistics.median(times[:5]), statistics.median(times[5:])
             mbit, ms = 2 * 8 * PROBES[-1] / max(large - small, 1e-9) / 1e6, 1000 * small / 2
@@ -129,26 +136,43 @@ class DistTransport:
         return out
 
     def available(self, devices: list[str]) -> list[str]:
-        return [d for d in devices if self.rank_of[d] not in self.lost]
+        """Devices whose rank is in step.  A late rank whose thread has since read its reply is
+        back; one whose thread failed is lost."""
+        for rank, (thread, errors) in list(self.late.items()):
+            if thread.is_alive():
+                continue
+            del self.late[rank]
+            if rank in errors:
+                _, kind, detail = errors[rank]
+                self.lost[rank] = f"rank {rank}: {kind}: {detail}"
+                log.warning("%s", self.lost[rank])
+            else:
+                log.warning("rank %d answered after the deadline (reply dropped); its devices rejoin", rank)
+        return [d for d in devices if self.rank_of[d] not in self.lost and self.rank_of[d] not in self.late]
 
     def run_round(self, round: int, jobs: dict[str, Job]) -> RoundResult:
-        result = RoundResult()
+        result = RoundResult(failures=[Failure(round, d, "join", why) for d, why in self.unjoined])
+        self.unjoined = []
         by_rank: dict[int, list[str]] = {}
+        self.personal.update(d for d, job in jobs.items() if any(job.plan.ranks.get(l, 0) > 0
+                                                                 for l in job.plan.personal))
         for device in jobs:
-            if self.rank_of[device] in self.lost:
-                result.failures.append(Failure(round, device, "lost", self.lost[self.rank_of[device]]))
+            rank = self.rank_of[device]
+            if rank in self.lost or rank in self.late:
+                why = self.lost.get(rank, f"rank {rank}: still busy with an earlier round")
+                result.failures.append(Failure(round, device, "lost", why))
             else:
-                by_rank.setdefault(self.rank_of[device], []).append(device)
+                by_rank.setdefault(rank, []).append(device)
         done: dict[str, Update] = {}
         failed: dict[str, tuple[str, str]] = {}  # device -> (kind, detail) a live agent reported
         errors: dict[int, tuple[str, str, str]] = {}  # rank -> (device, kind, detail): the rank is lost
-        threads = [threading.Thread(target=self._serve, args=(round, rank, devs, jobs, done, errors, failed),
-                                    daemon=True)
-                   for rank, devs in by_rank.items()]
-        for t in threads:
-            t.start()
         end = time.monotonic() + self.deadline_s
-        for t in threads:
+        threads = {rank: threading.Thread(target=self._serve, args=(round, rank, devs, jobs, done, errors, failed, end),
+                                          daemon=True)
+                   for rank, devs in by_rank.items()}
+        for t in threads.values():
+            t.start()
+        for t in threads.values():
             t.join(max(0.0, end - time.monotonic()))
         for rank, devs in by_rank.items():
             for device in devs:
@@ -163,25 +187,29 @@ class DistTransport:
                 kind, detail = "timeout", f"no update within the {self.deadline_s:g} s deadline"
                 if rank in errors:
                     _, kind, detail = errors[rank]
-                self.lost.setdefault(rank, f"rank {rank}: {kind}: {detail}")
+                    self.lost.setdefault(rank, f"rank {rank}: {kind}: {detail}")
+                elif threads[rank].is_alive():  # may still answer: see available()
+                    self.late[rank] = (threads[rank], errors)
                 log.warning("round %d: device %s (rank %d) failed: %s: %s", round, device, rank, kind, detail)
                 result.failures.append(Failure(round, device, kind, detail))
         return result
 
     def _serve(self, round: int, rank: int, devices: list[str], jobs: dict[str, Job],
-               done: dict[str, Update], errors: dict, failed: dict) -> None:
+               done: dict[str, Update], errors: dict, failed: dict, end: float) -> None:
         for device in devices:
+            if time.monotonic() > end:  # past the deadline: the rank's remaining devices wait for a later round
+                return
             job = jobs[device]
             self.seq[rank] += 1
             try:
                 sent = send_bytes(pack(plan_message(round, device, self.seq[rank], job.plan, job.lora, job.head),
                                        self.key, self.dtype), rank)
                 buf = recv_bytes(rank, UNBOUNDED_S)
-                reply = self._check(unpack(buf, self.key), round, device)
-                if reply.kind == "failure":  # the device could not train this plan; the rank goes on
-                    failed[device] = (str(reply.meta.get("kind", "error")), str(reply.meta.get("detail", "")))
+                reply = self.receive(buf, round, device, self.seq[rank])
+                if isinstance(reply, Failure):  # the device could not train this plan; the rank goes on
+                    failed[device] = (reply.kind, reply.detail)
                     continue
-                update = read_update(reply)
+                update = reply
             except WireError as exc:
                 log.warning("round %d: rejected the reply of %s (rank %d): %s", round, device, rank, exc)
                 errors[rank] = (device, "rejected", str(exc))
@@ -193,22 +221,37 @@ class DistTransport:
             update.report.bytes_up = len(buf) + 8
             done[device] = update
 
-    @staticmethod
-    def _check(msg: Message, round: int, device: str) -> Message:
-        if msg.kind not in ("update", "failure") or msg.round != round or msg.device != device:
-            raise WireError(f"expected the update of {device} for round {round}, "
-                            f"got {msg.kind} of {msg.device} for round {msg.round}")
-        return msg
+    def receive(self, buf: memoryview, round: int, device: str, seq: int) -> Update | Failure:
+        """The reply to plan `seq` (for `device` in `round`): its update, or the failure its agent
+        reported.  WireError for anything else: a bad digest or format, another kind, device,
+        round or sequence number (a replay), tensors not in the run's wire dtype."""
+        msg = unpack(buf, self.key)
+        if msg.kind not in ("update", "failure") or (msg.round, msg.device, msg.seq) != (round, device, seq):
+            raise WireError(f"expected the update of {device} for round {round} (message {seq}), "
+                            f"got {msg.kind} of {msg.device!r} for round {msg.round} (message {msg.seq})")
+        if msg.kind == "failure":
+            return Failure(round, device, str(msg.meta.get("kind", "error")), str(msg.meta.get("detail", "")))
+        return read_update(msg, self.dtype)
 
     def state_dict(self) -> dict:
-        return {}  # personal layers live in the agent processes
+        return {PERSONAL_ON_AGENTS: sorted(self.personal)}  # the layers themselves live in the agent processes
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        check_resumable(state)
 
     def close(self) -> None:
-        for rank in sorted(set(range(1, self.agents + 1)) - set(self.lost)):
+        for rank in sorted(set(range(1, self.agents + 1)) - set(self.lost)):  # late ones too: they may come back
             try:
                 send_bytes(pack(Message("bye", -1, "", 0, {}, {}), self.key), rank)
             except RuntimeError:
                 pass  # already gone; nothing left to tell it
+
+
+def check_resumable(state: dict) -> None:
+    """A distributed run resumes with fresh agent processes: exactly, unless its devices kept
+    personal layers, which only agents held (a dist run's) or which agents cannot be handed
+    (an in-process run's)."""
+    if PERSONAL_ON_AGENTS not in state and any(state.values()):
+        raise TestbedError("--resume: this in-process run's devices keep personal layers, which agent ranks "
+                           "cannot be handed; resume it in-process")
+    refuse_lost_personal(state)

@@ -15,6 +15,7 @@ import torch
 
 from agents.agent import Agent
 from agents.trainer import OutOfMemory
+from testbed.errors import TestbedError
 from testbed.plan import HeadState, LoraState, Plan, Update
 from testbed.wire import pack, plan_message, read_plan, read_update, unpack, update_message
 
@@ -30,7 +31,8 @@ class Job:
 class Failure:
     round: int
     device: str
-    kind: str  # "crash", "timeout", "oom", "rejected"
+    kind: str  # "crash", "timeout", "oom", "rejected", "join" (its rank never joined), "lost" (its rank failed
+    # earlier); the aggregator's "restart"
     detail: str
 
 
@@ -38,6 +40,18 @@ class Failure:
 class RoundResult:
     updates: dict[str, Update] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
+
+
+# A distributed run's checkpoint names the devices whose personal layers stayed in agent processes.
+PERSONAL_ON_AGENTS = "personal_on_agents"
+
+
+def refuse_lost_personal(state: dict) -> None:
+    """Those agent processes end with the run: a resumed run could not continue exactly."""
+    if lost := state.get(PERSONAL_ON_AGENTS):
+        raise TestbedError(f"--resume: {', '.join(lost)} kept personal layers in agent processes that ended with "
+                           "the run, so it cannot continue exactly (a distributed run resumes only without "
+                           "personal layers, e.g. droppeft with personal_k: 0)")
 
 
 class Transport(Protocol):
@@ -74,7 +88,7 @@ class InProcess:
                 result.failures.append(Failure(round, device, "oom", str(exc)))
                 continue
             up = pack(update_message(trained, round), self.key, self.dtype)
-            update = read_update(unpack(up, self.key))
+            update = read_update(unpack(up, self.key), self.dtype)
             update.report.bytes_down = len(down) + 8  # + the length prefix a stream transport adds
             update.report.bytes_up = len(up) + 8
             result.updates[device] = update
@@ -84,6 +98,9 @@ class InProcess:
         return {d: agent.personal for d, agent in self.agents.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        if PERSONAL_ON_AGENTS in state:  # a distributed run's checkpoint
+            refuse_lost_personal(state)
+            return
         for d, personal in state.items():
             self.agents[d].personal = personal
 

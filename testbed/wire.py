@@ -207,14 +207,15 @@ def _read_probe(tensors: dict[str, torch.Tensor], blocks: object, device: str) -
     return LayerProbe(cka.tolist(), {k: t.tolist() for k, t in found.items()}, bool(blocks))
 
 
-def read_update(msg: Message) -> Update:
+def read_update(msg: Message, dtype: torch.dtype | None = None) -> Update:
+    """The update a message carries; `dtype`: the run's wire dtype, which its LoRA and head must have."""
     m = msg.meta
     tensors = dict(msg.tensors)
     measured = tensors.pop("report", None)
     if measured is None or measured.shape != (len(MEASURED),):
         raise WireError(f"update from {msg.device!r} lacks its report")
     probe = _read_probe(tensors, m.get("probe_blocks"), msg.device)
-    lora, head = _unflatten(tensors)
+    lora, head = _unflatten(tensors, dtype)
     try:
         return Update(device=msg.device, round=msg.round, lora=lora, head=head, samples=int(m["samples"]),
                       active_steps={int(l): int(n) for l, n in m["active_steps"]}, steps=int(m["steps"]),
@@ -229,13 +230,15 @@ def _flatten(lora: LoraState, head: HeadState) -> dict[str, torch.Tensor]:
     return out
 
 
-def _unflatten(tensors: dict[str, torch.Tensor]) -> tuple[LoraState, HeadState]:
+def _unflatten(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> tuple[LoraState, HeadState]:
     """Back to per-layer float32 state (the wire may have carried half precision)."""
     lora: LoraState = {}
     head: HeadState = {}
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise WireError(f"tensor {name!r} is {NAMES[t.dtype]}, not floating point")
+        if dtype is not None and t.dtype != dtype:
+            raise WireError(f"tensor {name!r} is {NAMES[t.dtype]}, not the run's wire dtype {NAMES[dtype]}")
         kind, _, rest = name.partition(".")
         if kind == "head":
             head[rest] = t.float()

@@ -14,14 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news"
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
+def save_tiny_bert(path: Path) -> str:
     """A 2-layer random BERT with the bundled MiniLM tokenizer, saved as a local model path."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from testbed.model import resolve_model_path
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -29,6 +27,11 @@ def tiny_bert(tmp_path_factory) -> str:
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from testbed.plan import Plan
 from testbed.profiler import load_profile
 from testbed.run import run_inprocess
 from tests.conftest import ROOT, tiny_config
+from tests.injection import rank_pids
 
 pytestmark = pytest.mark.dist
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
@@ -106,21 +107,6 @@ def test_inprocess_and_mpirun_agree_bitwise(tiny_bert, tmp_path, wire_dtype):
     assert [r["bytes_up"] for r in rows(tmp_path / "mpi")] == [r["bytes_up"] for r in rows(tmp_path / "local")]
 
 
-def agent_pids(rank: int) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"launch.mpi" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
-            found.append(int(pid))
-    return found
-
-
 def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
     raw = tiny_config(tiny_bert, rounds=4, devices={"laptop": 3}, **{"train.local_steps": 400, "dist.deadline_s": 120})
     config = write_config(tmp_path, raw)
@@ -129,7 +115,7 @@ def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (victims := agent_pids(2)):
+        while not (victims := rank_pids(2)):
             assert time.monotonic() < deadline and proc.poll() is None, "agent rank 2 never started"
             time.sleep(0.1)
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():

@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
 
 from testbed.errors import TestbedError
 from testbed.inventory import expand, hostfile, load_inventory
 from tests.conftest import ROOT
+from tests.fuzzing import check_inventory, inventory_texts
 
 
 def key(hosts):
@@ -111,15 +112,9 @@ def test_hostfile_puts_the_aggregator_first():
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(suffix=st.sampled_from([".yaml", ".ini", ".json"]),
-       text=st.text(alphabet=st.sampled_from(list("[]:={}\n ,#ab01-_\"'allhostsvarschildren")), max_size=120))
-def test_fuzzed_inventories_give_hosts_or_a_clear_error(tmp_path, suffix, text):
-    path = tmp_path / f"fuzz{suffix}"
-    path.write_text(text)
-    try:
-        assert load_inventory(path)
-    except TestbedError as exc:
-        assert str(path) in str(exc)
+@given(inventory_texts)
+def test_fuzzed_inventories_give_hosts_or_a_clear_error(tmp_path, suffix_and_text):
+    check_inventory(tmp_path, suffix_and_text)
 
 
 def test_ansible_magic_variables_name_files_beside_the_inventory(tmp_path):
