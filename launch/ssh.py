@@ -145,7 +145,11 @@ def makedirs(sftp: paramiko.SFTPClient, path: str, mode: int = 0o755) -> None:
         try:
             sftp.stat(sub)
         except FileNotFoundError:
-            sftp.mkdir(sub, mode)
+            try:
+                sftp.mkdir(sub, mode)
+            except OSError:  # made meanwhile by another session (hosts may share a file system)
+                if not stat.S_ISDIR(sftp.stat(sub).st_mode or 0):
+                    raise
 
 
 def put_files(sftp: paramiko.SFTPClient, files: list[tuple[Path, str]], root: str) -> int:
