@@ -13,7 +13,6 @@ are replaced in string values, so that an inventory can name files beside itself
 """
 from __future__ import annotations
 
-import configparser
 import json
 import re
 import shlex
