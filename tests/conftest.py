@@ -14,16 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news"
 
 
-def save_tiny_bert(path: Path) -> str:
-    """A 2-layer random BERT with the bundled MiniLM tokenizer, saved as a local model path."""
+def save_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int = 64) -> str:
+    """A random BERT (by default 2 layers, hidden 32) with the bundled MiniLM tokenizer, saved
+    as a local model path."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from testbed.model import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=intermediate, max_position_embeddings=128)
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

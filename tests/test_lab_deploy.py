@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from launch import lab
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, save_tiny_bert, tiny_config
 from tests.test_deploy import ENV, run_processes, write_config
 from tests.test_lab import lab_test, leftovers
 
@@ -26,18 +25,7 @@ NAME = f"d{os.getpid() % 100000}"
 def small_bert(tmp_path_factory) -> str:
     """A 4-layer random BERT whose layers take tens of milliseconds: long against the lab's 10 ms
     CFS period, so that a CPU quota shows in every measured layer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from testbed.model import resolve_model_path
-
-    path = tmp_path_factory.mktemp("small-bert")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=1024, max_position_embeddings=128)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("small-bert"), hidden=256, layers=4, heads=4, intermediate=1024)
 
 
 def lab_inventory(path: Path, subnet: str, hosts: dict[str, dict]) -> Path:
