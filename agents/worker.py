@@ -13,6 +13,7 @@ from testbed.config import ExperimentConfig
 from testbed.dist import PROBES, hosts, patience_s, recv_bytes, send_bytes
 from testbed.errors import TestbedError
 from testbed.experiment import Experiment, setup
+from testbed.memory import MB, MemoryMeasure, memory_limit_mb, peak_rss_mb, reset_peak_rss, rss_mb
 from testbed.model import hold
 from testbed.profiler import profile_device
 from testbed.wire import Message, WireError, pack, read_plan, unpack, update_message
@@ -55,16 +56,39 @@ def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
 
 
 def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
-    """Hello with this device's profile, then echo rank 0's link probes."""
+    """Hello with this device's profile and memory, then echo rank 0's link probes."""
+    memory = MemoryMeasure(memory_limit_mb(), rss_mb())
     profile = None
     if cfg.dist.profile:
         start = time.perf_counter()
         hold(exp.bb, list(range(exp.info.num_layers)))  # the profile times every layer; released after
-        profile = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, cfg.train.batch_size,
-                                 cfg.model.max_length)
+        batch = profile_batch(cfg, exp, memory)
+        reset_peak_rss()
+        profile = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, batch, cfg.model.max_length)
+        memory = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=profile.step_footprint_bytes() / MB,
+                                     other_mb=profile.other_bytes / MB)
         hold(exp.bb, [])
-        log.info("profiled this device in %.1f s", time.perf_counter() - start)
-    hello = Message("hello", -1, "", 0, {"profile": None if profile is None else dataclasses.asdict(profile)})
+        log.info("profiled this device in %.1f s (batch %d); memory limit %.0f MB, %.0f MB in use before",
+                 time.perf_counter() - start, batch, memory.limit_mb, memory.base_mb)
+    hello = Message("hello", -1, "", 0, {"profile": None if profile is None else dataclasses.asdict(profile),
+                                         "memory": dataclasses.asdict(memory)})
     send_bytes(pack(hello, key), 0)
     for _ in PROBES:  # rank 0 times the links one agent after the other: the first probe may take long
         send_bytes(recv_bytes(0, patience_s(cfg)), 0)
+
+
+def profile_batch(cfg: ExperimentConfig, exp: Experiment, memory: MemoryMeasure) -> int:
+    """The training batch, halved while its profiled step would not fit this device's memory (a
+    host whose cgroup is tight would be killed profiling the full batch): estimated from one
+    step at batch 2, whose peak RSS and counted footprint give the growth of RSS with the count."""
+    batch = cfg.train.batch_size
+    if batch <= 2:
+        return batch
+    reset_peak_rss()
+    probe = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, 2, cfg.model.max_length, repeats=1)
+    small = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=probe.step_footprint_bytes() / MB,
+                                other_mb=probe.other_bytes / MB)
+    budget = small.budget_mb()
+    while budget is not None and batch > 2 and probe.step_footprint_bytes(batch) / MB > budget:
+        batch //= 2
+    return batch

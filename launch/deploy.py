@@ -14,6 +14,7 @@ or on any failure, every rank is stopped and the per-run directories are removed
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import posixpath
 import re
@@ -38,6 +39,7 @@ from launch.ssh import (HostProblem, KnownHosts, Result, connect, get_tree, make
 from testbed.config import ExperimentConfig, load_config, to_dict
 from testbed.errors import TestbedError
 from testbed.inventory import Host, load_inventory
+from testbed.metrics import atomic_write
 from testbed.model import BUNDLED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +75,7 @@ class Session:
     python: str
     base: str  # absolute {testbed_workdir}/{host}
     run_dir: str = ""  # base/{run name}, once made
+    memory: tuple[int, float] | None = None  # OOM kills so far and memory limit (MB) as its rank sees them
 
 
 @dataclass
@@ -264,6 +267,7 @@ def run_deployed(opts: DeployOptions, cfg: ExperimentConfig, sessions: dict[str,
     (opts.out / "agents").mkdir(parents=True, exist_ok=True)
     print(f"testbed: run directory {opts.out}", file=sys.stderr)
     ranks: list[Rank] = []
+    causes: dict[str, str] = {}  # host -> what killed its agent, where the host can tell
     local_dir = Path(tempfile.mkdtemp(prefix="testbed-deploy-"))  # 0700: rank 0's config and secret here
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -274,7 +278,7 @@ def run_deployed(opts: DeployOptions, cfg: ExperimentConfig, sessions: dict[str,
                     lambda env, log: start_here(raw, files, secret, local_dir, opts.out, env, log))
         print(f"testbed: started rank 0 {'on ' + aggregator.host.name if aggregator else 'here'} and "
               f"{len(agents)} agents in {time.monotonic() - start:.1f} s", file=sys.stderr)
-        code = wait(ranks)
+        code = wait(ranks, lambda r: causes.setdefault(r.name, death_cause(sessions[r.name])))
         if code != 0:
             print(f"testbed: error: the aggregator (rank 0) exited with status {code}; see {ranks[0].log}",
                   file=sys.stderr)
@@ -284,6 +288,7 @@ def run_deployed(opts: DeployOptions, cfg: ExperimentConfig, sessions: dict[str,
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop(ranks, sessions, aggregator, opts.out)
+        record_causes(opts.out, causes)
         for path in local_dir.iterdir():
             path.unlink()
         local_dir.rmdir()
@@ -368,7 +373,48 @@ def push(s: Session, name: str, raw: dict, files: dict[str, Path], secret: bytes
         with sftp.open(posixpath.join(run_dir, "config.yaml"), "w") as f:
             f.write(yaml.safe_dump(with_paths(raw, remote), sort_keys=False))
         write_private(sftp, posixpath.join(run_dir, "secret"), secret)
+    s.memory = memory_state(s)
     return sent
+
+
+MEMORY = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from testbed.memory import memory_limit_mb, oom_kills
+print(json.dumps([oom_kills(), memory_limit_mb()]))
+"""
+
+
+def memory_state(s: Session) -> tuple[int, float] | None:
+    """The host's count of OOM kills (in the memory cgroup its processes start in) and its
+    memory limit; None where that cannot be read."""
+    res = python_script(s.client, s.python, MEMORY, [s.run_dir])
+    try:
+        kills, limit = json.loads(last_line(res.output))
+        return int(kills), float(limit)
+    except (ValueError, TypeError):
+        return None
+
+
+def death_cause(s: Session) -> str:
+    """Why the host's agent died, where the host can say: the OOM killer, if it fired there since
+    the run started."""
+    now = memory_state(s) if s.memory else None
+    if now is None or now[0] <= s.memory[0]:
+        return ""
+    return f"the kernel's OOM killer fired in its memory cgroup (limit {now[1]:.0f} MB)"
+
+
+def record_causes(out: Path, causes: dict[str, str]) -> None:
+    """Add what hosts said of their agents' deaths to the failures rank 0 recorded in summary.json."""
+    path = out / "summary.json"
+    if not causes or not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    for failure in summary["failures"]:
+        if failure["kind"] == "crash" and failure["device"] in causes:
+            failure["cause"] = causes[failure["device"]]
+    atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
 
 
 def project_files() -> list[Path]:
@@ -454,8 +500,9 @@ def pump(read: Callable[[int], bytes], log: Path, echo: IO[bytes] | None) -> Non
                 echo.flush()
 
 
-def wait(ranks: list[Rank]) -> int:
-    """Rank 0's exit status, once it is out; agents that end badly are reported as they do."""
+def wait(ranks: list[Rank], cause: Callable[[Rank], str]) -> int:
+    """Rank 0's exit status, once it is out; agents that end badly are reported as they do, with
+    their `cause` where the host knows it."""
     reported: set[int] = set()
 
     def report() -> None:
@@ -463,8 +510,9 @@ def wait(ranks: list[Rank]) -> int:
             code = r.status()
             if code not in (None, 0) and r.rank not in reported:
                 reported.add(r.rank)
-                print(f"testbed: {r.name}: agent (rank {r.rank}) exited with status {code}; see {r.log}",
-                      file=sys.stderr)
+                why = cause(r)
+                print(f"testbed: {r.name}: agent (rank {r.rank}) exited with status {code}"
+                      f"{': ' + why if why else ''}; see {r.log}", file=sys.stderr)
 
     while (code := ranks[0].status()) is None:
         report()

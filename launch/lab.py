@@ -46,7 +46,8 @@ CGROUPS = Path("/sys/fs/cgroup")
 # for 75 ms, as under the kernel's default 100 ms; the kernel's smallest quota is 1 ms.
 PERIOD_US = 10_000
 MIN_CPU = 1_000 / PERIOD_US
-TOOLS = {"ip": "iproute2", "tc": "iproute2", "sshd": "openssh-server", "ssh-keygen": "openssh-client"}
+TOOLS = {"ip": "iproute2", "tc": "iproute2", "sshd": "openssh-server", "ssh-keygen": "openssh-client",
+         "nsenter": "util-linux"}
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # where sshd and ip live, often outside a user's PATH
 LAB_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,11}")  # `tb-NAME` names an interface: 15 characters at most
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -436,9 +437,11 @@ def start_sshd(spec: LabSpec, host: LabHost, state: LabState, cgroups: tuple[Pat
     log = here / "sshd.log"
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation directory
     # In the host's namespace, with a hostname of its own (a UTS namespace); sshd joins the
-    # host's cgroups before it execs, so nothing of it ever runs outside them.
-    cmd = [which("ip"), "netns", "exec", host.netns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
-           host.name, which("sshd"), "-f", str(here / "sshd_config"), "-E", str(log)]
+    # host's cgroups before it execs, so nothing of it ever runs outside them.  nsenter, not
+    # `ip netns exec`, which mounts a fresh /sys without /sys/fs/cgroup: agents read their
+    # memory limit there.
+    cmd = [which("nsenter"), f"--net=/run/netns/{host.netns}", "unshare", "--uts", "sh", "-c",
+           'hostname "$0" && exec "$@"', host.name, which("sshd"), "-f", str(here / "sshd_config"), "-E", str(log)]
     proc = subprocess.run(cmd, preexec_fn=lambda: join_cgroups(cgroups), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=30)
     if proc.returncode:

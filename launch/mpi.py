@@ -162,8 +162,10 @@ def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argpars
 
 
 def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> None:
-    """Keep each agent's profile with the run; on the wall clock, plan with its measured speed
-    and link (the modelled clock keeps the configured device classes: it simulates them)."""
+    """Keep each agent's profile with the run; plan within the memory it measured (on either
+    clock: a configured budget above it would be killed); on the wall clock, plan with its
+    measured speed and link too (the modelled clock keeps the configured device classes: it
+    simulates them)."""
     folder.mkdir(parents=True, exist_ok=True)
     for rank, j in joined.items():
         if j.profile is not None:
@@ -171,6 +173,13 @@ def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> No
         speed = exp.cost.profile.seconds_per_token() / j.profile.seconds_per_token() if j.profile else 0.0
         log.info("rank %d (%s): %s link %.0f Mbit/s, %.2f ms", rank, ", ".join(j.devices) or "no device",
                  f"{speed:.2f}x the reference," if speed else "not profiled,", j.bandwidth_mbit, j.latency_ms)
+        budget = j.memory.budget_mb() if j.memory else None
+        if budget is not None:  # real memory binds on either clock: a plan past it is killed
+            log.info("rank %d: memory limit %.0f MB, %.0f MB in use at join, %.0f MB at its profiled step "
+                     "(%.0f MB counted): training budget %.0f MB counted", rank, j.memory.limit_mb, j.memory.base_mb,
+                     j.memory.peak_mb, j.memory.counted_mb, budget)
+            for name in j.devices:
+                exp.devices[name].memory_mb = min(exp.devices[name].memory_mb, budget)
         if exp.cfg.clock != "wall":
             continue
         for name in j.devices:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from testbed.config import ExperimentConfig
 from testbed.errors import TestbedError
+from testbed.memory import MemoryMeasure
 from testbed.model import ModelInfo
 from testbed.profiler import DeviceProfile, profile_from_dict
 from testbed.plan import Update
@@ -52,6 +53,7 @@ class Joined:
     profile: DeviceProfile | None  # None when the agent was told not to profile
     bandwidth_mbit: float
     latency_ms: float
+    memory: MemoryMeasure | None = None  # None from an agent that did not say
 
 
 def send_bytes(buf: memoryview, dst: int) -> int:
@@ -82,6 +84,18 @@ def patience_s(cfg: ExperimentConfig) -> float:
     Agents join at their own pace (profiling a large model on a slow device takes minutes) and
     then wait for the slowest device of every round, so the deadline alone is too short."""
     return cfg.dist.deadline_s * (cfg.rounds + 2)
+
+
+def memory_from_dict(raw: object, source: str) -> MemoryMeasure | None:
+    if raw is None:
+        return None
+    try:
+        memory = MemoryMeasure(**raw)
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in dataclasses.astuple(memory)):
+            raise ValueError("every figure must be a number >= 0")
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"{source}: malformed: {exc}") from None
+    return memory
 
 
 def hosts(devices: list[str], agents: int) -> dict[str, int]:
@@ -117,6 +131,7 @@ class DistTransport:
                     raise WireError(f"expected a hello, got a {msg.kind} message")
                 raw = msg.meta.get("profile")
                 profile = None if raw is None else profile_from_dict(raw, f"rank {rank}'s profile", info)
+                memory = memory_from_dict(msg.meta.get("memory"), f"rank {rank}'s memory")
                 times = []
                 for size in PROBES:
                     start = time.perf_counter()
@@ -132,7 +147,7 @@ class DistTransport:
             mbit, ms = 2 * 8 * PROBES[-1] / max(large - small, 1e-9) / 1e6, 1000 * small / 2
             if profile is not None:  # the saved profile carries the link too
                 profile = dataclasses.replace(profile, bandwidth_mbit=mbit, latency_ms=ms)
-            out[rank] = Joined(rank, devices, profile, mbit, ms)
+            out[rank] = Joined(rank, devices, profile, mbit, ms, memory)
         return out
 
     def available(self, devices: list[str]) -> list[str]:

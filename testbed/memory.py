@@ -140,3 +140,93 @@ def measure_activations(bb, lora_cfg, seq_len: int, batch: int = 2) -> Activatio
         attn = min(max((saved[2] - fixed) / n, 0.0), per_layer)
         per_block = {"attn": attn, "ffn": per_layer - attn}
     return Activations(per_layer=per_layer, fixed=fixed, per_block=per_block)
+
+
+# -- the memory a process may use, and whether the kernel killed for it --------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_dirs() -> list[Path]:
+    """This process's memory cgroup directories (v1 or v2), its own first, then its ancestors'."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            top = CGROUP_ROOT / "memory"
+            break
+    else:  # v2: one hierarchy, the line "0::/path"
+        path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+        if path is None:
+            return []
+        top = CGROUP_ROOT
+    own = top / path.lstrip("/")
+    return [d for d in [own, *own.parents] if d.is_relative_to(top) and d.is_dir()]
+
+
+def _read_number(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return UNLIMITED if text == "max" else int(text) if text.isdigit() else None
+
+
+def memory_limit_mb() -> float:
+    """The memory this process may use: the least of its cgroups' limits and the machine's RAM."""
+    limits = [_read_number(d / name) for d in _cgroup_dirs() for name in ("memory.limit_in_bytes", "memory.max")]
+    total_kb = 0.0
+    try:
+        total_kb = next(float(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                        if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        pass
+    found = [b / MB for b in limits if b and b < UNLIMITED] + ([total_kb / 1024] if total_kb else [])
+    return min(found, default=0.0)
+
+
+def oom_kills() -> int:
+    """Processes the kernel's OOM killer has killed in this process's memory cgroup (with its
+    descendants), or on the machine where the cgroup has no count: a rise across a process's
+    life, when it died of SIGKILL, says the OOM killer took it."""
+    for d in _cgroup_dirs()[:1]:
+        for name in ("memory.events", "memory.oom_control"):  # v2, v1 (kernel 4.13+)
+            try:
+                for line in (d / name).read_text().splitlines():
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+            except OSError:
+                continue
+    try:
+        return next(int(line.split()[1]) for line in Path("/proc/vmstat").read_text().splitlines()
+                    if line.startswith("oom_kill "))
+    except (OSError, StopIteration):
+        return 0
+
+
+@dataclass
+class MemoryMeasure:
+    """What an agent measured of its memory when it joined (MB), and the training budget that
+    follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
+    inside its limit.  Real RSS exceeds the count by the interpreter and libraries (in `base`)
+    and by allocator slack and backward's temporaries, which grow with the count; `peak` and
+    `counted` of one profiled step give that growth (one point, so it is overstated for small
+    plans: the safe side)."""
+
+    limit_mb: float  # the least of the process's cgroup limits and the machine's RAM
+    base_mb: float  # RSS with the model loaded but no transformer layer resident
+    other_mb: float = 0.0  # the counted bytes `base` already holds (embeddings, head)
+    peak_mb: float = 0.0  # peak RSS of a profiled training step (0: not profiled)
+    counted_mb: float = 0.0  # that step's counted footprint
+
+    def budget_mb(self, margin: float = 0.1) -> float | None:
+        """The counted training footprint this device can afford with `margin` of its limit kept
+        free (None when not measured)."""
+        if not self.limit_mb or not self.peak_mb or self.counted_mb <= self.other_mb:
+            return None
+        growth = max((self.peak_mb - self.base_mb) / (self.counted_mb - self.other_mb), 1.0)
+        return max(self.other_mb + (self.limit_mb * (1 - margin) - self.base_mb) / growth, 0.0)

@@ -56,6 +56,14 @@ class DeviceProfile:
             + sum(self.backward_s[rank])
         return step / (self.batch_size * self.seq_len)
 
+    def step_footprint_bytes(self, batch: int | None = None) -> float:
+        """The counted footprint of the profiled step (the largest rank on every layer) at `batch`
+        (default: the profiled one): parameters, LoRA and its gradients, saved activations."""
+        rank = max(self.backward_s)
+        tokens = (batch or self.batch_size) * self.seq_len
+        return (self.other_bytes + sum(self.resident_bytes) + 2 * rank * self.lora_bytes_per_rank * self.num_layers
+                + sum(self.saved_bytes_per_token) * tokens)
+
     def save(self, path: Path) -> None:
         data = dataclasses.asdict(self)
         text = json.dumps(data, indent=1) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)

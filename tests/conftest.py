@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news"
 
 
-def save_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int = 64) -> str:
+def save_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int = 64,
+                   positions: int = 128) -> str:
     """A random BERT (by default 2 layers, hidden 32) with the bundled MiniLM tokenizer, saved
     as a local model path."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -24,7 +25,7 @@ def save_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=intermediate, max_position_embeddings=128)
+                     intermediate_size=intermediate, max_position_embeddings=positions)
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

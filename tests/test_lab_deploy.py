@@ -17,7 +17,7 @@ from tests.test_deploy import ENV, run_processes, write_config
 from tests.test_lab import lab_test, leftovers
 
 # this test run's own subnets and lab names, so that another lab on the machine does not clash
-SUBNET, SUBNET_CPU = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (216, 217))
+SUBNET, SUBNET_CPU, SUBNET_MEM = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (216, 217, 218))
 NAME = f"d{os.getpid() % 100000}"
 
 
@@ -93,3 +93,44 @@ def test_on_the_wall_clock_legend_gives_a_quarter_cpu_host_a_lighter_plan_than_a
     (row,) = rows(out)
     depth = {d["device"]: d["layers"] for d in row["devices"]}
     assert depth["quarter"] < depth["whole"], depth
+
+
+@pytest.fixture(scope="module")
+def attention_bert(tmp_path_factory) -> str:
+    """An 8-layer BERT of hidden 64 read at length 256: its attention maps make a layer's saved
+    activations tens of MB at little compute, so depth decides whether a step fits 800 MB."""
+    return save_tiny_bert(tmp_path_factory.mktemp("attention-bert"), hidden=64, layers=8, heads=4, intermediate=256,
+                          positions=256)
+
+
+@lab_test
+def test_a_memory_limited_host_gets_a_plan_that_fits_while_fedlora_is_killed_by_its_cgroup(attention_bert, tmp_path):
+    """Both hosts are of one class, and the counted footprint of the full plan (about 500 MB) is
+    within both configured budgets (testbed_memory_mb): only what their agents measure under
+    their cgroup limits tells them apart.  LEGEND plans within the tight host's limit; FedLoRA's
+    full plan (about 1.3 GB of RSS) is killed there by the kernel, and the run records it."""
+    hosts = {"roomy": {"ansible_host": f"{SUBNET_MEM}.10", "testbed_memory_mb": 3072},
+             "tight": {"ansible_host": f"{SUBNET_MEM}.11", "testbed_memory_mb": 800}}
+    for h in hosts.values():
+        h.update(testbed_profile="reference", testbed_cpu=1.0)
+    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET_MEM, hosts)
+    base = {"rounds": 1, "model.max_length": 256, "train.batch_size": 16, "train.local_steps": 2}
+    state = lab.up(lab.lab_spec(inv, f"{NAME}m", str(tmp_path / "lab")))
+    try:
+        runs = {}
+        for method in ("legend", "fedlora"):
+            cfg = tiny_config(attention_bert, strategy={"name": method}, **base)
+            runs[method] = (tmp_path / "runs" / method,
+                            deploy(inv, write_config(tmp_path, cfg), tmp_path / "runs" / method))
+    finally:
+        lab.down(state)
+    out, proc = runs["legend"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["failures"] == []
+    depth = {d["device"]: d["layers"] for d in rows(out)[0]["devices"]}
+    assert depth["tight"] < depth["roomy"] == 8, depth
+    out, proc = runs["fedlora"]
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the run finished, without the killed host
+    (failure,) = json.loads((out / "summary.json").read_text())["failures"]
+    assert failure["device"] == "tight" and failure["kind"] == "crash" and "OOM killer" in failure["cause"], failure
+    assert "tight: agent (rank 2) exited" in proc.stderr and "OOM killer" in proc.stderr

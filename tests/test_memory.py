@@ -1,0 +1,64 @@
+"""What an agent measures of its memory, and the training budget rank 0 draws from it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch import lab
+from testbed.dist import memory_from_dict
+from testbed.memory import MemoryMeasure
+from testbed.wire import WireError
+from tests.conftest import ROOT
+from tests.test_lab import lab_test
+
+
+def test_the_budget_keeps_the_estimated_peak_inside_the_limit_with_a_margin():
+    m = MemoryMeasure(limit_mb=1000, base_mb=400, other_mb=10, peak_mb=700, counted_mb=160)
+    # RSS grew 300 MB for 150 MB counted: 2 MB a counted MB; 900 - 400 MB left for 2 x (budget - 10)
+    assert m.budget_mb() == pytest.approx(260)
+    assert m.budget_mb(margin=0.2) == pytest.approx(210)
+    assert MemoryMeasure(limit_mb=1000, base_mb=400).budget_mb() is None  # not profiled: no budget
+    # RSS that grew less than the count (memory already in use) never inflates the budget
+    assert MemoryMeasure(1000, 400, 10, 450, 160).budget_mb() == pytest.approx(10 + 500)
+    assert MemoryMeasure(300, 400, 10, 700, 160).budget_mb() == 0.0  # nothing left
+
+
+@pytest.mark.parametrize("raw", [{"limit_mb": -1, "base_mb": 0}, {"limit_mb": "big", "base_mb": 0},
+                                 {"limit_mb": 1, "base_mb": 1, "swap": 3}, [1, 2], {"base_mb": 1}])
+def test_a_malformed_memory_report_is_refused_naming_its_rank(raw):
+    with pytest.raises(WireError, match="rank 3's memory"):
+        memory_from_dict(raw, "rank 3's memory")
+
+
+PROBE = """
+import json, sys
+from testbed.memory import memory_limit_mb, oom_kills
+if sys.argv[1] == "grow":
+    hog = [bytearray(1 << 20) for _ in range(400)]  # past the limit: the OOM killer ends it here
+print(json.dumps([memory_limit_mb(), oom_kills()]))
+"""
+
+
+@lab_test
+def test_a_process_reads_its_cgroup_limit_and_a_kill_by_the_oom_killer_is_counted(tmp_path):
+    cgroup = lab.CGROUPS / "memory" / f"tb-test-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "memory.limit_in_bytes").write_text(str(200 << 20))
+        if (cgroup / "memory.memsw.limit_in_bytes").exists():
+            (cgroup / "memory.memsw.limit_in_bytes").write_text(str(200 << 20))
+
+        def run(what: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-c", PROBE, what], cwd=ROOT, capture_output=True, text=True,
+                                  preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
+
+        limit, kills = json.loads(run("read").stdout)
+        assert limit == 200 and kills == 0
+        assert run("grow").returncode == -9  # SIGKILL, from the kernel
+        assert json.loads(run("read").stdout) == [200, 1]
+    finally:
+        cgroup.rmdir()
