@@ -13,6 +13,7 @@ or on any failure, every rank is stopped and the per-run directories are removed
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -51,6 +52,8 @@ AGENT_MODULES = {"torch": "torch", "transformers": "transformers", "peft": "peft
 PYTHON_MIN = (3, 10)
 PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")  # same offline mode everywhere
 STOP_GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
+LIBC = ctypes.CDLL(None)  # loaded here: a child between fork and exec must not load libraries
 AGENTS_GRACE_S = 15.0  # after rank 0 ends, for agents to act on its goodbye
 
 
@@ -64,6 +67,7 @@ class DeployOptions:
     accept_new_host_keys: bool = False
     bootstrap: bool = False
     check_only: bool = False
+    resume: bool = False  # continue the run in `out` after its last complete round
 
 
 @dataclass
@@ -263,6 +267,10 @@ def run_deployed(opts: DeployOptions, cfg: ExperimentConfig, sessions: dict[str,
     aggregator = next((s for s in sessions.values() if s.host.role == "aggregator"), None)
     raw = run_config(cfg, [s.host for s in agents])
     files = named_files(raw)
+    if opts.resume:
+        parallel(lambda s: clear_leftover(s, opts.out, s is aggregator), list(sessions.values()))
+        if not (opts.out / "checkpoint.pt").is_file():
+            raise TestbedError(f"--resume: {opts.out} holds no checkpoint: no round of that run completed")
     secret = secrets.token_bytes(32).hex().encode()  # hex: the file is read back stripped of whitespace
     (opts.out / "agents").mkdir(parents=True, exist_ok=True)
     print(f"testbed: run directory {opts.out}", file=sys.stderr)
@@ -271,11 +279,13 @@ def run_deployed(opts: DeployOptions, cfg: ExperimentConfig, sessions: dict[str,
     local_dir = Path(tempfile.mkdtemp(prefix="testbed-deploy-"))  # 0700: rank 0's config and secret here
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        pushed = parallel(lambda s: push(s, opts.out.name, raw, files, secret), list(sessions.values()))
+        state = run_state(opts.out) if opts.resume else []
+        pushed = parallel(lambda s: push(s, opts.out.name, raw, files, secret, state if s is aggregator else []),
+                          list(sessions.values()))
         print(f"testbed: pushed the project and {len(files)} named files to {len(sessions)} hosts "
               f"({sum(pushed) / 1e6:.1f} MB, {time.monotonic() - start:.1f} s)", file=sys.stderr)
-        start_ranks(ranks, cfg, aggregator, agents, opts.out,
-                    lambda env, log: start_here(raw, files, secret, local_dir, opts.out, env, log))
+        start_ranks(ranks, cfg, aggregator, agents, opts.out, opts.resume,
+                    lambda env, log: start_here(raw, files, secret, local_dir, opts.out, opts.resume, env, log))
         print(f"testbed: started rank 0 {'on ' + aggregator.host.name if aggregator else 'here'} and "
               f"{len(agents)} agents in {time.monotonic() - start:.1f} s", file=sys.stderr)
         code = wait(ranks, lambda r: causes.setdefault(r.name, death_cause(sessions[r.name])))
@@ -350,9 +360,10 @@ def with_paths(raw: dict, paths: dict[str, str]) -> dict:
     return out
 
 
-def push(s: Session, name: str, raw: dict, files: dict[str, Path], secret: bytes) -> int:
-    """Make the host's run directory and copy in the project, the named files, the config and
-    the secret; return the bytes sent."""
+def push(s: Session, name: str, raw: dict, files: dict[str, Path], secret: bytes,
+         state: list[tuple[Path, str]]) -> int:
+    """Make the host's run directory and copy in the project, the named files, the config, the
+    secret and (a resumed run's aggregator host) the run's state; return the bytes sent."""
     run_dir = posixpath.join(s.base, name)
     remote = {key: posixpath.join(run_dir, "files", key, path.name) for key, path in files.items()}
     todo = [(p, p.relative_to(ROOT).as_posix()) for p in project_files()]
@@ -361,13 +372,14 @@ def push(s: Session, name: str, raw: dict, files: dict[str, Path], secret: bytes
         base = path if path.is_dir() else path.parent
         todo += [(p, posixpath.join("files", key, path.name if path.is_dir() else "", p.relative_to(base).as_posix()))
                  for p in tree]
+    todo += state
     with s.client.open_sftp() as sftp:
         makedirs(sftp, s.base)
         try:
             sftp.mkdir(run_dir, 0o700)
         except OSError:
             raise HostProblem(f"{run_dir} exists already (a run of that name is going on, or was interrupted); "
-                              f"remove it or pick another --out") from None
+                              f"remove it, pick another --out, or continue that run with --resume") from None
         s.run_dir = run_dir
         sent = put_files(sftp, todo, run_dir)
         with sftp.open(posixpath.join(run_dir, "config.yaml"), "w") as f:
@@ -417,6 +429,27 @@ def record_causes(out: Path, causes: dict[str, str]) -> None:
     atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
 
 
+def run_state(out: Path) -> list[tuple[Path, str]]:
+    """A resumed run's state for a remote aggregator, as `run/...` in its run directory: all rank
+    0 wrote there but the logs, which stream back here."""
+    logs = {out / "aggregator.log", out / "agents"}
+    return [(p, posixpath.join("run", p.relative_to(out).as_posix())) for p in sorted(out.rglob("*"))
+            if p.is_file() and not logs & {p, *p.parents}]
+
+
+def clear_leftover(s: Session, out: Path, aggregator: bool) -> None:
+    """--resume: stop what is left of the run on the host (a deploy that was killed leaves its
+    ranks and run directory) and remove it; an aggregator host's run state is fetched first,
+    since it is newer than what was copied back here, if anything was."""
+    run_dir = posixpath.join(s.base, out.name)
+    res = python_script(s.client, s.python, STOP, [run_dir, str(STOP_GRACE_S)], timeout=60)
+    if last_line(res.output) != "stopped":
+        raise HostProblem(f"what is left of the run in {run_dir} did not stop: {last_line(res.output)}")
+    if aggregator:
+        fetch_run(s, out, run_dir)
+    run(s.client, f"rm -rf -- {shlex.quote(run_dir)}", timeout=60)
+
+
 def project_files() -> list[Path]:
     return [p for top in PROJECT for p in sorted((ROOT / top).rglob("*"))
             if p.is_file() and "__pycache__" not in p.parts]
@@ -440,24 +473,25 @@ def rendezvous_point(cfg: ExperimentConfig, aggregator: Session | None, agents: 
 
 
 def start_ranks(ranks: list[Rank], cfg: ExperimentConfig, aggregator: Session | None, agents: list[Session],
-                out: Path, here: Callable[[dict[str, str], Path], Rank]) -> None:
+                out: Path, resume: bool, here: Callable[[dict[str, str], Path], Rank]) -> None:
     """Rank 0, then the agents; each is appended as it starts, so that a failure stops those up."""
     addr, port = rendezvous_point(cfg, aggregator, agents)
     print(f"testbed: rendezvous at {addr}:{port}", file=sys.stderr)
     env = {"WORLD_SIZE": str(len(agents) + 1), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
            "PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
     log = out / "aggregator.log"
-    ranks.append(start_remote(aggregator, 0, env, log, echo=True) if aggregator else here(env, log))
+    ranks.append(start_remote(aggregator, 0, env, log, echo=True, resume=resume) if aggregator else here(env, log))
     for i, s in enumerate(agents, 1):
         ranks.append(start_remote(s, i, env, out / "agents" / f"{s.host.name}.log"))
 
 
-def start_remote(s: Session, rank: int, env: dict[str, str], log: Path, echo: bool = False) -> Rank:
+def start_remote(s: Session, rank: int, env: dict[str, str], log: Path, echo: bool = False,
+                 resume: bool = False) -> Rank:
     """launch.mpi on the host as its own process group (its pid, the group's id, in rank.pid)."""
     variables = {**env, "RANK": str(rank), "TESTBED_SECRET_FILE": posixpath.join(s.run_dir, "secret")}
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())
     command = (f"cd {shlex.quote(s.run_dir)} && echo $$ > rank.pid && export {exports} && "
-               f"exec {shlex.quote(s.python)} -m launch.mpi config.yaml --out run")
+               f"exec {shlex.quote(s.python)} -m launch.mpi config.yaml {'--resume' if resume else '--out'} run")
     chan = s.client.get_transport().open_session(timeout=30)
     chan.set_combine_stderr(True)
     chan.exec_command(command)
@@ -468,8 +502,8 @@ def start_remote(s: Session, rank: int, env: dict[str, str], log: Path, echo: bo
     return r
 
 
-def start_here(raw: dict, files: dict[str, Path], secret: bytes, local_dir: Path, out: Path, env: dict[str, str],
-               log: Path) -> Rank:
+def start_here(raw: dict, files: dict[str, Path], secret: bytes, local_dir: Path, out: Path, resume: bool,
+               env: dict[str, str], log: Path) -> Rank:
     config = local_dir / "config.yaml"
     config.write_text(yaml.safe_dump(with_paths(raw, {k: str(p) for k, p in files.items()}), sort_keys=False))
     secret_file = local_dir / "secret"
@@ -477,7 +511,8 @@ def start_here(raw: dict, files: dict[str, Path], secret: bytes, local_dir: Path
     with os.fdopen(fd, "wb") as f:
         f.write(secret)
     path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    proc = subprocess.Popen([sys.executable, "-m", "launch.mpi", str(config), "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "launch.mpi", str(config), "--resume" if resume else "--out",
+                             str(out)], cwd=ROOT, preexec_fn=die_with_parent,
                             env={**os.environ, **env, "RANK": "0", "TESTBED_SECRET_FILE": str(secret_file),
                                  "PYTHONPATH": path},
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -487,6 +522,13 @@ def start_here(raw: dict, files: dict[str, Path], secret: bytes, local_dir: Path
                               daemon=True)
     r.pump.start()
     return r
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it if deploy dies (Linux), as a controller
+    that crashed takes its rank 0 with it; the run is then continued with --resume."""
+    if hasattr(LIBC, "prctl"):
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def pump(read: Callable[[int], bytes], log: Path, echo: IO[bytes] | None) -> None:
@@ -572,14 +614,15 @@ def stop(ranks: list[Rank], sessions: dict[str, Session], aggregator: Session | 
             r.pump.join(timeout=5)
 
 
-def fetch_run(s: Session, out: Path) -> None:
-    """The remote aggregator's run directory, as far as it got."""
+def fetch_run(s: Session, out: Path, run_dir: str = "") -> None:
+    """The remote aggregator's run directory (in `run_dir`, default its session's), as far as it got."""
+    remote = posixpath.join(run_dir or s.run_dir, "run")
     with s.client.open_sftp() as sftp:
         try:
-            sftp.stat(posixpath.join(s.run_dir, "run"))
+            sftp.stat(remote)
         except FileNotFoundError:
             return
-        get_tree(sftp, posixpath.join(s.run_dir, "run"), out)
+        get_tree(sftp, remote, out)
 
 
 def stop_here(proc: subprocess.Popen) -> None:

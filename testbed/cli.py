@@ -71,8 +71,11 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("-i", "--inventory", required=True, help="inventory: YAML, INI, or ansible-inventory --list JSON")
     dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key (repeatable)")
-    dep.add_argument("--out", help="run directory here (default: runs/<config name>-<time>); its name names the "
-                                   "hosts' run directories")
+    where = dep.add_mutually_exclusive_group()
+    where.add_argument("--out", help="run directory here (default: runs/<config name>-<time>); its name names the "
+                                     "hosts' run directories")
+    where.add_argument("--resume", metavar="DIR", help="continue the deployed run in DIR after its last complete "
+                                                       "round (stopping and replacing what is left of it on the hosts)")
     dep.add_argument("--known-hosts", metavar="FILE",
                      help="host keys to verify against (default: each host's testbed_known_hosts, else "
                           "~/.ssh/known_hosts)")
@@ -188,10 +191,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from launch.deploy import DeployOptions, deploy
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
+    out = Path(args.resume or args.out or Path("runs") / f"{Path(args.config).stem}-{stamp}")
     known = Path(args.known_hosts).expanduser() if args.known_hosts else None
     return deploy(DeployOptions(args.inventory, args.config, out, known, args.set, args.accept_new_host_keys,
-                                args.bootstrap, args.check))
+                                args.bootstrap, args.check, resume=bool(args.resume)))
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

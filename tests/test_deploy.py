@@ -26,6 +26,7 @@ from testbed.devices import devices_from_config
 from testbed.errors import TestbedError
 from testbed.inventory import Host
 from tests.conftest import ROOT, tiny_config
+from tests.test_run import read_rows, strip_wall
 
 SSHD = Path("/usr/sbin/sshd")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -370,3 +371,52 @@ def test_ctrl_c_stops_every_rank_and_cleans_up(sshd, tmp_path, tiny_bert):
     assert not run_processes(str(hosts)) and not run_processes(str(out))
     assert not any(hosts.glob("*/*"))  # the run directories, secrets included, are gone
     assert (out / "metrics.jsonl").read_text()  # what was done is kept
+
+
+@ssh
+@pytest.mark.parametrize("aggregator", ["here", "on a host"])
+def test_a_killed_deploy_resumes_after_its_last_round_with_an_uninterrupted_runs_metrics(sshd, tmp_path, tiny_bert,
+                                                                                         aggregator):
+    """SIGKILL to deploy (a rank 0 here dies with it; the hosts keep their ranks and run
+    directories), then `--resume`: the leftovers are stopped and replaced (a remote rank 0's
+    newer state fetched first and pushed back), and the run goes on from its checkpoint to the
+    metrics of a run never stopped (modelled clock)."""
+    hosts = tmp_path / "hosts"
+    server = {"server": {"testbed_role": "aggregator"}} if aggregator == "on a host" else {}
+    inv = inventory(tmp_path / "inv.yaml", sshd, {**server, "a1": {}, "a2": {}}, hosts)
+    config = write_config(tmp_path, tiny_config(tiny_bert, rounds=4, **{"train.local_steps": 40,
+                                                                        "dist.profile": False}))
+    whole = tmp_path / "runs" / "whole"
+    assert deploy(inv, config, whole, sshd.known_hosts).returncode == 0
+    out = tmp_path / "runs" / "r4"
+    proc = subprocess.Popen(deploy_cmd(inv, config, out, sshd.known_hosts), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = (hosts / "server" / "r4" / "run" if server else out) / "metrics.jsonl"
+        while not metrics.is_file() or len(metrics.read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(hosts.glob("*/r4"))  # left on the hosts
+    cmd = deploy_cmd(inv, config, out, sshd.known_hosts)
+    cmd[cmd.index("--out")] = "--resume"
+    resumed = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 4 and [f["kind"] for f in summary["failures"]] == ["restart"]
+    assert strip_wall(read_rows(out)) == strip_wall(read_rows(whole))
+    assert not run_processes(str(hosts)) and not any(hosts.glob("*/*"))
+
+
+@ssh
+def test_resume_of_a_run_with_no_checkpoint_is_refused_before_anything_starts(sshd, tmp_path, tiny_bert):
+    inv = inventory(tmp_path / "inv.yaml", sshd, {"a1": {}}, tmp_path / "hosts")
+    config = write_config(tmp_path, tiny_config(tiny_bert))
+    cmd = deploy_cmd(inv, config, tmp_path / "nothing", sshd.known_hosts)
+    cmd[cmd.index("--out")] = "--resume"
+    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and errors(proc.stderr) == [
+        f"testbed: error: --resume: {tmp_path / 'nothing'} holds no checkpoint: no round of that run completed"]
