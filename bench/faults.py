@@ -16,6 +16,12 @@ rejoined (the faulty device took part again in a later round), and state bytes l
 restart, the bytes of global state (LoRA and head) that differ from an uninterrupted run's,
 whose metrics must also match but for what the process measured; after an agent fault, the
 bytes of global state the final checkpoint lacks or holds as NaN/Inf.
+In the emulated lab (as root; skipped, with the reason, elsewhere), deployed with `testbed
+deploy` to 3 hosts of 1 CPU: an agent's link set down inside its namespace while round 1
+trains (the tiny BERT); an agent killed by its cgroup's OOM killer (FedLoRA's full plan of an
+8-layer BERT at length 256 on a host limited to 800 MB; recorded only if the failure's cause
+names the OOM killer); and `testbed deploy` SIGKILLed after round 1, then `--resume`,
+compared with an uninterrupted deployment.
 Malformed messages: the corpus of tests/malformed.py (bad digests, keys, lengths, rounds,
 replays, unknown devices, dtypes, NaN/Inf, shapes, layers and ranks beyond the plan), each
 answered to a plan over gloo and checked by rank 0's own receiving code and update admission.
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -49,6 +56,7 @@ from testbed.config import from_dict  # noqa: E402
 from testbed.run import run_inprocess  # noqa: E402
 from tests.conftest import save_tiny_bert, tiny_config  # noqa: E402
 from tests.injection import kill_job, rank_pids, rows, wait_for  # noqa: E402
+from tests.test_lab import NO_LAB  # noqa: E402
 from tests.test_run import strip_wall  # noqa: E402
 
 
@@ -199,6 +207,95 @@ def aggregator_kill(model: str, seed: int, folder: Path, agents: int) -> dict:
         "metrics_equal": strip_wall(rows(job.out)) == strip_wall(rows(folder / "whole"))}
 
 
+class Deployment(Job):
+    """A run deployed with `testbed deploy` to the hosts of an inventory (rank 0 here)."""
+
+    def __init__(self, folder: Path, raw: dict, inventory: Path):
+        super().__init__(folder, raw)
+        self.inventory = inventory
+
+    def command(self, resume: bool = False) -> list[str]:
+        return [sys.executable, "-m", "testbed.cli", "deploy", "-i", str(self.inventory), str(self.config),
+                "--resume" if resume else "--out", str(self.out)]
+
+
+def in_lab(folder: Path, hosts: dict[str, dict], inject: Callable[..., dict]) -> dict:
+    """`inject(inventory, lab state)` with a lab of these hosts (1 CPU and 3 GB each unless they
+    say) up, in `folder`."""
+    from launch import lab
+    from tests.test_lab_deploy import lab_inventory
+
+    subnet = f"10.219.{os.getpid() % 250 + 1}"
+    hosts = {h: {"ansible_host": f"{subnet}.{10 + i}", "testbed_cpu": 1.0, "testbed_memory_mb": 3072, **v}
+             for i, (h, v) in enumerate(hosts.items())}
+    folder.mkdir(parents=True)
+    inv = lab_inventory(folder / "lab.yaml", subnet, hosts)
+    state = lab.up(lab.lab_spec(inv, f"f{os.getpid() % 10000}", str(folder / "lab")))
+    try:
+        return inject(inv, state)
+    finally:
+        lab.down(state)
+
+
+def lab_link_cut(model: str, seed: int, folder: Path) -> dict:
+    """a2's link set down inside its namespace once round 0 is logged, while round 1 trains."""
+    from launch import lab
+
+    def inject(inv: Path, state) -> dict:
+        job = Deployment(folder / "run", agent_config(model, seed, 4, 100, **{"dist.deadline_s": 15}), inv)
+        job.start()
+        wait_for("round 0", lambda: rows(job.out), job.proc, 300)
+        lab.ip(state.host("a2").netns, "link", "set", "tb0", "down")
+        code = job.finish()
+        return outcome(job, code, "timeout", "a2", 3) | {"state_bytes_lost": state_bytes_lost(job)}
+
+    return in_lab(folder / "lab", {"a1": {}, "a2": {}, "a3": {}}, inject)
+
+
+def lab_cgroup_oom(seed: int, folder: Path) -> dict:
+    """FedLoRA's full plan on a host whose cgroup holds 800 MB: an 8-layer BERT read at length 256
+    needs about 1.3 GB, so the kernel kills the agent in round 0 (see tests/test_lab_deploy.py)."""
+    model = save_tiny_bert(folder / "attention-bert", hidden=64, layers=8, heads=4, intermediate=256, positions=256)
+
+    def inject(inv: Path, state) -> dict:
+        raw = tiny_config(model, seed=seed, rounds=2, **{"model.max_length": 256, "train.batch_size": 16,
+                                                         "train.local_steps": 2, "dist.profile": False})
+        job = Deployment(folder / "run", raw, inv)
+        job.start()
+        code = job.finish()
+        result = outcome(job, code, "crash", "tight", 2)
+        causes = [f.get("cause", "") for f in job.summary()["failures"] if f["device"] == "tight"]
+        return result | {"recorded": result["recorded"] and any("OOM killer" in c for c in causes),
+                         "state_bytes_lost": state_bytes_lost(job)}
+
+    return in_lab(folder / "lab", {"roomy": {}, "tight": {"testbed_memory_mb": 800}}, inject)
+
+
+def deploy_kill(model: str, seed: int, folder: Path) -> dict:
+    """SIGKILL to `testbed deploy` after round 1 (its rank 0 dies with it; the hosts keep their
+    ranks), `--resume`, and compare with an uninterrupted deployment."""
+    def inject(inv: Path, state) -> dict:
+        raw = agent_config(model, seed, 5, 40)
+        whole = Deployment(folder / "whole", raw, inv)
+        whole.start()
+        whole.finish()
+        job = Deployment(folder / "cut", raw, inv)
+        job.start()
+        try:
+            wait_for("round 1", lambda: len(rows(job.out)) >= 2, job.proc, 300)
+        finally:
+            job.proc.kill()
+            job.proc.wait()
+        logged, saved = len(rows(job.out)), job.checkpoint()["round"] + 1
+        code = job.resume()
+        return outcome(job, code, "restart", "aggregator", 3) | {
+            "rounds_redone": logged - saved, "rejoined": None,
+            "state_bytes_lost": state_bytes_lost(job, whole.checkpoint()),
+            "metrics_equal": strip_wall(rows(job.out)) == strip_wall(rows(whole.out))}
+
+    return in_lab(folder / "lab", {"a1": {}, "a2": {}, "a3": {}}, inject)
+
+
 FAULTS = {
     "agent SIGKILL mid-round": ("mpi", agent_sigkill),
     "agent SIGSTOP past the deadline": ("mpi", agent_sigstop),
@@ -206,11 +303,16 @@ FAULTS = {
     "aggregator SIGKILL + resume": ("inprocess", lambda m, s, f: aggregator_kill(m, s, f, 0)),
     "aggregator job SIGKILL + resume": ("mpi", lambda m, s, f: aggregator_kill(m, s, f, 2)),
 }
+LAB_FAULTS = {
+    "agent link cut": ("lab", lab_link_cut),
+    "agent OOM-killed by its cgroup": ("lab", lambda m, s, f: lab_cgroup_oom(s, f)),
+    "deploy SIGKILL + deploy --resume": ("lab", deploy_kill),
+}
 
 
-def run_faults(model: str, seeds: list[int], folder: Path) -> list[dict]:
+def run_faults(model: str, seeds: list[int], folder: Path, faults: dict) -> list[dict]:
     table = []
-    for name, (transport, inject) in FAULTS.items():
+    for name, (transport, inject) in faults.items():
         results = []
         for seed in seeds:
             start = time.perf_counter()
@@ -309,7 +411,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
         folder = Path(tmp)
         model = save_tiny_bert(folder / "tiny-bert")
-        faults = run_faults(model, seeds, folder / "runs")
+        faults = run_faults(model, seeds, folder / "runs", FAULTS)
+        if NO_LAB:
+            print(f"  lab faults skipped: {NO_LAB}", file=sys.stderr)
+        else:
+            faults += run_faults(model, seeds, folder / "lab-runs", LAB_FAULTS)
         malformed = run_malformed()
         fuzz = run_fuzz(examples, folder)
     print_tables(faults, malformed, fuzz)
