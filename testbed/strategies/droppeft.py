@@ -106,7 +106,7 @@ class DropPEFT(Strategy):
                                              Bandit(len(self.arms), self.opts.bandit, self.opts.epsilon))
             allowed[device] = [i for i, p in enumerate(candidates) if self.ctx.cost.fits(self.ctx.devices[device], p)]
             self.chosen[device] = bandit.select(self.rng, allowed[device] or [lightest])
-        if self.opts.straggler == "clamp":
+        if self.opts.straggler == "clamp" and allowed:
             self.clamp(candidates, allowed)
         self.plans = {d: candidates[self.chosen[d]] for d in allowed}
         return self.plans
