@@ -6,7 +6,9 @@ fixed + f x layer cost, where f is the fraction of layer-steps actually run (1 -
 expectation; dropout is sampled), fixed = the step with every layer dropped and layer cost =
 the all-layer step minus fixed; and the counted training footprint at each p (peak step and
 mean over steps).
-Study: bench/study.py (8 Jetson-class devices, Dirichlet 0.5, modelled clock).
+Study: bench/study.py (8 Jetson-class devices, Dirichlet 0.5, modelled clock): `fedlora` (its
+devices also validate, for personalised accuracy), `droppeft` with its defaults, and
+`droppeft-ptls` (`personal_k: 1`: the top layer's LoRA stays on the devices).
 --quick: 10 steps per p, one repeat, the quick study.  One JSON object on the last line.
 """
 from __future__ import annotations
@@ -74,7 +76,9 @@ def main() -> None:
               f"{100 * row['fraction_of_ideal']:.1f} % of ideal speedup  footprint peak "
               f"{row['footprint_peak_mb']} MB, mean {row['footprint_mean_mb']} MB")
     out = ROOT / "bench" / "results" / ("droppeft-quick" if args.quick else "droppeft")
-    results = {name: run(name, sets + [f"strategy.name={name}"], Path(out)) for name in ["fedlora", "droppeft"]}
+    runs = {"fedlora": ["strategy.name=fedlora", "strategy.validate=true"], "droppeft": ["strategy.name=droppeft"],
+            "droppeft-ptls": ["strategy.name=droppeft", "strategy.personal_k=1"]}
+    results = {name: run(name, sets + extra, Path(out)) for name, extra in runs.items()}
     print(json.dumps({"bench": "droppeft", "quick": args.quick, "kernel": k, "results": results,
                       "vs_fedlora": compare(results)}))
 

@@ -38,6 +38,7 @@ def run(name: str, sets: list[str], out: Path) -> dict:
     bytes_to_target = sum(r["bytes_up"] + r["bytes_down"] for r in rows[:hit]) if hit else None
     spreads = [max(d["clock_s"] for d in r["devices"]) / min(d["clock_s"] for d in r["devices"]) for r in rows]
     result = {"final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
+              "final_personal_accuracy": summary["final_personal_accuracy"],
               "time_to_target_s": summary["time_to_target_s"], "rounds_to_target": hit,
               "bytes_to_target": bytes_to_target, "clock_s": summary["clock_s"],
               "bytes_total": summary["bytes_up"] + summary["bytes_down"],
@@ -47,6 +48,15 @@ def run(name: str, sets: list[str], out: Path) -> dict:
     print(f"{name:<10} final {result['final_accuracy']:.4f}  target@ {result['time_to_target_s']} s "
           f"({hit} rounds)  bytes {result['bytes_to_target']}  ({result['wall_s']} s)", file=sys.stderr)
     return result
+
+
+def by_class(result: dict) -> dict[str, float]:
+    """The largest peak training memory among each class's devices (devices are named class-i)."""
+    out: dict[str, float] = {}
+    for device, mb in result["peak_train_mem_mb"].items():
+        cls = device.rsplit("-", 1)[0]
+        out[cls] = max(out.get(cls, 0.0), mb)
+    return out
 
 
 def compare(results: dict, baseline: str = "fedlora") -> dict:
@@ -64,6 +74,10 @@ def compare(results: dict, baseline: str = "fedlora") -> dict:
                                         / max(base["peak_train_mem_mb"].values()), 3),
             "mean_mem_reduction": round(1 - sum(r["peak_train_mem_mb"].values())
                                         / sum(base["peak_train_mem_mb"].values()), 3),
+            "peak_mem_reduction_by_class": {c: round(1 - v / by_class(base)[c], 3) for c, v in by_class(r).items()},
             "final_accuracy_gap_points": round(100 * (r["final_accuracy"] - base["final_accuracy"]), 2),
+            "final_personal_accuracy_gap_points": (
+                round(100 * (r["final_personal_accuracy"] - base["final_personal_accuracy"]), 2)
+                if r["final_personal_accuracy"] is not None and base["final_personal_accuracy"] is not None else None),
         }
     return out

@@ -81,6 +81,8 @@ class StrategyConfig:
 
     name: str = option("fedlora")
     clients_per_round: int = option(0, lo=0, doc="devices sampled per round; 0 = all")
+    validate: bool = option(False, doc="each device evaluates its model on its own validation split before and "
+                                       "after training (personal_accuracy); droppeft always does (its reward)")
 
 
 @dataclass

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from agents.trainer import train_plan
+from testbed.aggregator import make_strategy
 from testbed.bandit import Bandit
 from testbed.config import LoraConfig, ModelConfig, TrainConfig, from_dict
 from testbed.data import Split, tokenize
 from testbed.errors import TestbedError
+from testbed import experiment
 from testbed.model import init_lora, load_backbone, model_info
 from testbed.plan import Plan
 from testbed.run import run_inprocess
@@ -87,3 +89,20 @@ def test_unknown_arm_shape_is_a_config_error(tiny_bert, tmp_path):
     cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "droppeft", "strategy.shapes": ["zigzag"]}))
     with pytest.raises(TestbedError, match="strategy.shapes"):
         run_inprocess(cfg, tmp_path, quiet=True)
+
+
+@pytest.mark.parametrize("straggler", ["clamp", "none"])
+def test_only_dropout_that_shortens_the_round_is_run(tiny_bert, straggler):
+    raw = tiny_config(tiny_bert, **{"strategy.name": "droppeft", "strategy.straggler": straggler,
+                                    "train.local_steps": 5000, "devices": {"agx-orin": 1, "jetson-tx2": 1}})
+    exp = experiment.setup(from_dict(raw))
+    strategy = make_strategy(exp)
+    agx, tx2 = exp.devices["agx-orin-0"], exp.devices["jetson-tx2-0"]
+    drops = []
+    for r in range(len(strategy.arms)):  # no feedback: the bandits keep trying untried arms, at random
+        plans = strategy.plan(r, list(exp.devices))
+        assert strategy.arms.index(plans["jetson-tx2-0"].drop) == strategy.chosen["jetson-tx2-0"]
+        drops.append(sum(plans["agx-orin-0"].drop.values()))
+        # the AGX Orin finishes long before the TX2 at any arm: its dropout would buy nothing
+        assert exp.cost.round_seconds(agx, plans["agx-orin-0"]) < exp.cost.round_seconds(tx2, plans["jetson-tx2-0"])
+    assert (max(drops) == 0) == (straggler == "clamp")

@@ -67,4 +67,5 @@ class Strategy:
 
     def base_plan(self, ranks: dict[int, int], **fields) -> Plan:
         t = self.ctx.cfg.train
+        fields.setdefault("validate", self.opts.validate)
         return Plan(ranks=ranks, local_steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, **fields)

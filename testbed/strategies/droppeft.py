@@ -4,9 +4,20 @@ Reconstructed from arXiv 2503.10217; every guess is an option.  Each round a ban
 device (or per device class) picks a dropout vector (an arm); at every local step the
 device skips each layer with that probability, so a skipped layer costs no compute and
 stores nothing.  The reward is the gain in the device's validation accuracy (or the drop
-in its validation loss) per second of its round on the run's clock.  Arms whose predicted
-memory does not fit the device are never tried.  PTLS keeps `personal_k` layers' LoRA on
-the devices: the top layers, or those with the largest client drift after the first rounds.
+in its validation loss) per second of the round on the run's clock.  Arms whose predicted
+memory does not fit the device are never tried.
+
+Rounds are synchronous: a round lasts as long as its slowest device, so dropout on a device
+that would finish early anyway saves no time and only costs learning.  By default
+(`straggler: clamp`) the round's bound is the slowest predicted round among the arms the
+bandits chose, and every device runs the least dropout that meets it; the reward then charges
+the round's seconds (`reward_time: round`), which is what the run pays for any device's arm.
+
+PTLS keeps `personal_k` layers' LoRA on the devices: the top layers, or those with the largest
+client drift after the first rounds.  Off by default: the global model, which the run's
+accuracy and time to target are measured on, would hold those layers' LoRA at their initial
+value, which in the methods' study cost the global model more accuracy than dropout saved
+time (each device's own model is reported as `personal_accuracy`).
 """
 from __future__ import annotations
 
@@ -36,7 +47,14 @@ class DropPEFTOptions(StrategyConfig):
     reward_baseline: str = option("round_mean", choices=("round_mean", "none"),
                                   doc="subtract the round's mean reward across devices: early rounds gain "
                                       "more whatever the arm, and would otherwise decide the bandit")
-    personal_k: int = option(1, lo=0, doc="layers whose LoRA stays on the devices (PTLS); 0 = none")
+    straggler: str = option("clamp", choices=("clamp", "none"),
+                            doc="clamp: a device runs the least dropout that finishes within the slowest "
+                                "predicted round among the chosen arms; none: every device runs its arm")
+    reward_time: str = option("round", choices=("round", "device"),
+                              doc="the seconds a reward is divided by: the round's (its slowest device) "
+                                  "or the device's own")
+    personal_k: int = option(0, lo=0, doc="layers whose LoRA stays on the devices (PTLS); 0 = none: the global "
+                                        "model, which accuracy is measured on, then holds every layer's LoRA")
     personal_by: str = option("top", choices=("top", "drift"))
     drift_rounds: int = option(1, lo=1, doc="rounds with every layer shared before drift picks the personal ones")
 
@@ -80,16 +98,27 @@ class DropPEFT(Strategy):
             self.personal = sorted(ranked[: self.opts.personal_k])
         rank = self.ctx.cfg.model.lora.rank
         ranks = {l: rank for l in range(self.ctx.model.num_layers)}
-        self.plans = {}
+        candidates = [self.base_plan(ranks, drop=arm, personal=self.personal, validate=True) for arm in self.arms]
+        lightest = max(range(len(self.arms)), key=lambda i: sum(self.arms[i].values()))
+        allowed = {}
         for device in self.sample(round, available):
             bandit = self.bandits.setdefault(self.bandit_key(device),
                                              Bandit(len(self.arms), self.opts.bandit, self.opts.epsilon))
-            candidates = [self.base_plan(ranks, drop=arm, personal=self.personal, validate=True) for arm in self.arms]
-            allowed = [i for i, p in enumerate(candidates) if self.ctx.cost.fits(self.ctx.devices[device], p)]
-            arm = bandit.select(self.rng, allowed or [max(range(len(self.arms)), key=lambda i: sum(self.arms[i].values()))])
-            self.chosen[device] = arm
-            self.plans[device] = candidates[arm]
+            allowed[device] = [i for i, p in enumerate(candidates) if self.ctx.cost.fits(self.ctx.devices[device], p)]
+            self.chosen[device] = bandit.select(self.rng, allowed[device] or [lightest])
+        if self.opts.straggler == "clamp" and allowed:
+            self.clamp(candidates, allowed)
+        self.plans = {d: candidates[self.chosen[d]] for d in allowed}
         return self.plans
+
+    def clamp(self, candidates: list[Plan], allowed: dict[str, list[int]]) -> None:
+        """Each device runs the least dropout whose predicted round ends within the slowest chosen one."""
+        devices, cost = self.ctx.devices, self.ctx.cost
+        seconds = {d: [cost.round_seconds(devices[d], p) for p in candidates] for d in allowed}
+        bound = max(seconds[d][self.chosen[d]] for d in allowed)
+        for d in allowed:
+            within = [i for i in allowed[d] if seconds[d][i] <= bound] + [self.chosen[d]]
+            self.chosen[d] = min(within, key=lambda i: sum(self.arms[i].values()))
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         per_layer = contributions(updates)
@@ -108,15 +137,16 @@ class DropPEFT(Strategy):
                 self.drift[layer] += float(sum(torch.linalg.norm(p - mean) for p in products) / len(products))
 
     def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
+        reports = {d: r for d, r in reports.items() if d in self.plans}
+        seconds = {d: (self.ctx.cost.round_seconds(self.ctx.devices[d], self.plans[d])
+                       if self.ctx.cfg.clock == "modelled" else r.compute_s) for d, r in reports.items()}
+        if self.opts.reward_time == "round" and seconds:
+            seconds = dict.fromkeys(seconds, max(seconds.values()))
         rewards = {}
         for device, report in reports.items():
-            if device not in self.plans:
-                continue
-            seconds = (self.ctx.cost.round_seconds(self.ctx.devices[device], self.plans[device])
-                       if self.ctx.cfg.clock == "modelled" else report.compute_s)
             gain = (report.val_accuracy - report.val_accuracy_before if self.opts.reward == "accuracy"
                     else report.val_loss_before - report.val_loss)
-            rewards[device] = gain / max(seconds, 1e-9)
+            rewards[device] = gain / max(seconds[device], 1e-9)
         baseline = sum(rewards.values()) / len(rewards) if rewards and self.opts.reward_baseline == "round_mean" else 0
         for device, reward in rewards.items():
             self.bandits[self.bandit_key(device)].update(self.chosen[device], reward - baseline)
