@@ -8,6 +8,11 @@ on the wall clock (plans follow the profiles the agents measure when they join):
   - `cut`: the same, with orin-nano-01's link set down inside its namespace once the first
     round is done; the run must finish without it and report it in `failures`.
 The lab is torn down afterwards, also on failure.  Needs root.
+Memory (a lab of its own, 2 hosts of 1 CPU: `roomy`, 3 GB, and `tight`, whose cgroup holds
+800 MB): 2 rounds of each method on an 8-layer BERT of hidden 64 read at length 256, batch 16,
+whose full plan needs about 1.3 GB of RSS; agents measure their memory when they join and
+rank 0 plans within it.  Reported per method: the tight host's layers and peak RSS per round,
+and its failures (an OOM kill names the OOM killer).  --quick: legend and fedlora only.
 
 Reported per run: seconds from starting `testbed deploy` to the hosts checked, the project
 pushed, every rank started, and the first round starting (the first metrics row's arrival
@@ -94,6 +99,32 @@ def deploy(cfg: Path, out: Path, cut: str | None) -> dict:
             "warnings": [line.strip() for line in lines if "warning" in line]}
 
 
+def memory(folder: Path, methods: list[str]) -> dict:
+    from faults import Deployment, in_lab
+    from tests.conftest import save_tiny_bert, tiny_config
+
+    model = save_tiny_bert(folder / "attention-bert", hidden=64, layers=8, heads=4, intermediate=256, positions=256)
+
+    def inject(inv: Path, state) -> dict:
+        out = {}
+        for method in methods:
+            raw = tiny_config(model, rounds=2, strategy={"name": method},
+                              **{"model.max_length": 256, "train.batch_size": 16, "train.local_steps": 2})
+            job = Deployment(folder / method, raw, inv)
+            job.start()
+            code = job.finish()
+            rows = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines()]
+            tight = [next((d for d in r["devices"] if d["device"] == "tight"), None) for r in rows]
+            out[method] = {"exit": code, "tight_layers": [d and d["layers"] for d in tight],
+                           "tight_peak_rss_mb": [d and round(d["peak_rss_mb"], 1) for d in tight],
+                           "tight_failures": [(f["round"], f["kind"], f.get("cause", "")) for f in
+                                              job.summary()["failures"] if f["device"] == "tight"]}
+            print(f"  memory {method}: {out[method]}", file=sys.stderr)
+        return out
+
+    return in_lab(folder / "lab", {"roomy": {}, "tight": {"testbed_memory_mb": 800}}, inject)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -111,8 +142,11 @@ def main() -> None:
                     "cut": deploy(cfg, tmp / "cut", state.host(CUT).netns)}
     finally:
         lab.down(state)
+    methods = ["legend", "fedlora"] if args.quick else ["legend", "fedpruner", "droppeft", "adaptive", "fedlora"]
+    with tempfile.TemporaryDirectory(prefix="tb-deploy-memory-") as tmp:
+        limited = memory(Path(tmp), methods)
     print(json.dumps({"bench": "deploy", "quick": args.quick, "hosts": 4, "model": "minilm",
-                      "strategy": "legend", "cut": CUT, **runs}))
+                      "strategy": "legend", "cut": CUT, **runs, "memory": limited}))
 
 
 if __name__ == "__main__":
