@@ -288,4 +288,5 @@ def _check_scalar(tp: type, value: Any, key: str, source: str, meta: Any) -> Any
 
 
 def _dot(prefix: str, name: str) -> str:
+    name = name if name.isprintable() else repr(name)  # an error stays one readable line
     return f"{prefix}.{name}" if prefix else name
