@@ -6,8 +6,10 @@ progress per second of the round (as long as its slowest device, on the run's cl
 from the devices' validation splits, never the test set: each device validates the global
 model it receives before training, so the next round's reports show what this round's
 aggregate gained (accuracy, or the drop in loss; samples-weighted over the devices).  Once a
-round gains less than `relax` times the largest gain so far, the gain per round has
-flattened: from then on the deadline is the slowest device's baseline round, so every device
+round has gained at least `relax` of the headroom the first validation left (1 - accuracy, or
+the loss), and a later round gains less than `relax` times the largest gain so far, the gain
+per round has flattened (the first condition keeps a flat start, which is noise, from
+counting as flat): from then on the deadline is the slowest device's baseline round, so every device
 that can runs FedLoRA's plan and late rounds trade speed for accuracy.  The deadline is raised
 to the slowest device's fastest plan (the round cannot be shorter, so the others may use the time).
 Every device then gets, from the cost model, the plan that fits its memory and meets the
@@ -49,8 +51,8 @@ class AdaptiveOptions(LegendOptions):
     reward: str = option("accuracy", choices=("accuracy", "loss"),
                          doc="progress of the global model on the devices' validation splits")
     relax: float = option(0.0, lo=0, hi=1, doc="once a round's validation gain falls below this fraction of the "
-                                               "largest so far, every round's deadline is the slowest device's "
-                                               "baseline round (0: never)")
+                                               "largest so far (itself at least this fraction of the headroom), "
+                                               "every deadline is the slowest device's baseline round (0: never)")
 
 
 class Adaptive(Legend):
@@ -72,6 +74,7 @@ class Adaptive(Legend):
         self.pending: tuple[int, float] | None = None  # the last round's arm and seconds, awaiting its reward
         self.last: float | None = None  # validation accuracy (or loss) the last round started from
         self.best_gain = 0.0  # the largest gain of a round so far
+        self.headroom: float | None = None  # what the first validation left to gain
         self.relaxed = False
         self.plans: dict[str, Plan] = {}
         self.probed = -1  # the round the pruner's probe was taken
@@ -136,12 +139,20 @@ class Adaptive(Legend):
             gain = value - self.last if self.opts.reward == "accuracy" else self.last - value
             self.bandit.update(arm, gain / max(seconds, 1e-9))
             self.best_gain = max(self.best_gain, gain)
-            self.relaxed = self.relaxed or (self.opts.relax > 0 and gain < self.opts.relax * self.best_gain)
+            self.relaxed = self.relaxed or self.flattened(gain)
         if value is not None:
+            if self.headroom is None:
+                self.headroom = 1 - value if self.opts.reward == "accuracy" else value
             self.last = value
         times = [self.ctx.cost.round_seconds(self.ctx.devices[d], self.plans[d]) if self.ctx.cfg.clock == "modelled"
                  else r.compute_s for d, r in mine.items()]
         self.pending = None if self.relaxed or not mine else (self.arm, max(times))
+
+    def flattened(self, gain: float) -> bool:
+        """After a steep round (one that gained `relax` of the headroom), a round that gains less
+        than `relax` of the steepest."""
+        r = self.opts.relax
+        return r > 0 and self.best_gain >= r * self.headroom and gain < r * self.best_gain
 
     def validation(self, reports: dict[str, Report]) -> float:
         """The global model the devices received, on their validation splits (weighted by samples)."""
@@ -151,13 +162,15 @@ class Adaptive(Legend):
 
     def state_dict(self) -> dict:
         return {"bandit": vars(self.bandit), "rng": self.rng.getstate(), "arm": self.arm, "pending": self.pending,
-                "last": self.last, "best_gain": self.best_gain, "relaxed": self.relaxed,
+                "last": self.last, "best_gain": self.best_gain, "headroom": self.headroom,
+                "relaxed": self.relaxed,
                 "pruner": self.pruner.state_dict(), "probed": self.probed}
 
     def load_state_dict(self, state: dict) -> None:
         self.bandit = Bandit(**state["bandit"])
         self.rng.setstate(state["rng"])
         self.arm, self.last, self.best_gain, self.relaxed = state["arm"], state["last"], state["best_gain"], state["relaxed"]
+        self.headroom = state["headroom"]
         self.pending = tuple(state["pending"]) if state["pending"] else None
         self.pruner.load_state_dict(state["pruner"])
         self.probed = state["probed"]
