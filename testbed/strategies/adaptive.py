@@ -88,7 +88,9 @@ class Adaptive(Legend):
             deadline = self.deadline(available) * self.opts.factors[self.arm]
         # A round lasts at least as long as its slowest device's fastest plan: the others may use that.
         deadline = max([deadline, *(self.cost_of(d, self.configure(d, 0.0, round)) for d in chosen)])
-        self.plans = {d: dataclasses.replace(self.configure(d, deadline, round), validate=True) for d in chosen}
+        # Devices validate while the bandit and the relax test need it (each validation costs forward passes).
+        self.plans = {d: dataclasses.replace(self.configure(d, deadline, round), validate=not self.relaxed)
+                      for d in chosen}
         return self.plans
 
     def cost_of(self, device: str, plan: Plan) -> float:
@@ -131,7 +133,10 @@ class Adaptive(Legend):
 
     def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
         """Reward the last round's arm with the progress its aggregate shows on this round's
-        validation, per second of that round; the test metrics are not read."""
+        validation, per second of that round; the test metrics are not read.  Relaxed rounds have
+        no arm to reward."""
+        if self.relaxed:
+            return
         mine = {d: r for d, r in reports.items() if d in self.plans}
         value = self.validation(mine) if mine else None
         if self.pending and value is not None and self.last is not None:
@@ -139,7 +144,7 @@ class Adaptive(Legend):
             gain = value - self.last if self.opts.reward == "accuracy" else self.last - value
             self.bandit.update(arm, gain / max(seconds, 1e-9))
             self.best_gain = max(self.best_gain, gain)
-            self.relaxed = self.relaxed or self.flattened(gain)
+            self.relaxed = self.flattened(gain)
         if value is not None:
             if self.headroom is None:
                 self.headroom = 1 - value if self.opts.reward == "accuracy" else value
