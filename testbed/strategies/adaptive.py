@@ -5,14 +5,16 @@ round) times a factor that a bandit picks online among `factors`.  Its reward is
 progress per second of the round (as long as its slowest device, on the run's clock), read
 from the devices' validation splits, never the test set: each device validates the global
 model it receives before training, so the next round's reports show what this round's
-aggregate gained (accuracy, or the drop in loss; samples-weighted over the devices).  Once a
-round has gained at least `relax` of the headroom the first validation left (1 - accuracy, or
-the loss), and a later round gains less than `relax` times the largest gain so far, the gain
-per round has flattened (the first condition keeps a flat start, which is noise, from
-counting as flat): from then on the deadline is the slowest device's baseline round, so every device
-that can runs FedLoRA's plan and late rounds trade speed for accuracy.  The deadline is raised
-to the slowest device's fastest plan (the round cannot be shorter, so the others may use the time).
-Every device then gets, from the cost model, the plan that fits its memory and meets the
+aggregate gained (accuracy, or the drop in loss; samples-weighted over the devices).
+
+With `relax`, once a round has gained at least `relax` of the headroom the first validation
+left (1 - accuracy, or the loss) and a later round gains less than `relax` times the largest
+gain so far, the gain per round has flattened (the first condition keeps a flat start, which
+is noise, from counting): from then on the deadline is the slowest device's baseline round,
+so every device that can runs FedLoRA's plan and late rounds trade speed for accuracy.
+
+The deadline is raised to the slowest device's fastest plan (the round cannot be shorter, so
+the others may use the time).  Every device then gets, from the cost model, the plan that fits its memory and meets the
 deadline with the most LoRA capacity (rank x (1 - p) summed over trained layers, then depth),
 then the least dropout, among:
 
