@@ -14,9 +14,9 @@ is noise, from counting): from then on the deadline is the slowest device's base
 so every device that can runs FedLoRA's plan and late rounds trade speed for accuracy.
 
 The deadline is raised to the slowest device's fastest plan (the round cannot be shorter, so
-the others may use the time).  Every device then gets, from the cost model, the plan that fits its memory and meets the
-deadline with the most LoRA capacity (rank x (1 - p) summed over trained layers, then depth),
-then the least dropout, among:
+the others may use the time).  Every device then gets, from the cost model, the plan that fits
+its memory and meets the deadline with the most LoRA capacity (rank x (1 - p) summed over
+trained layers, then depth), then the least dropout, among:
 
 - layers: all of them; where no plan over all layers fits the device's memory, FedPruner's
   submodel (the most layers that fit, one kept per group of alike layers, probed on the server);
