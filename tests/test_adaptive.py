@@ -138,5 +138,7 @@ def test_a_memory_starved_run_resumes_exactly(tiny_bert, tmp_path):
         assert device["jetson-tx2"]["layers"] == 1 and device["agx-orin"]["layers"] == 2
         assert device["jetson-tx2"]["peak_train_mem_mb"] < device["agx-orin"]["peak_train_mem_mb"]
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("cut", "whole"))
-    # Rounds 0-2 are credited when rounds 1-3 validate their aggregates.
-    assert a["strategy"]["bandit"] == b["strategy"]["bandit"] and sum(b["strategy"]["bandit"]["counts"]) == 3
+    keys = ("bandit", "pending", "last", "best_gain", "headroom", "relaxed")
+    assert {k: a["strategy"][k] for k in keys} == {k: b["strategy"][k] for k in keys}
+    # Rounds 0-2 are credited when rounds 1-3 validate their aggregates (until the gain flattens).
+    assert 1 <= sum(b["strategy"]["bandit"]["counts"]) <= 3

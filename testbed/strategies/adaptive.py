@@ -52,7 +52,7 @@ class AdaptiveOptions(LegendOptions):
     epsilon: float = option(0.1, lo=0, hi=1)
     reward: str = option("accuracy", choices=("accuracy", "loss"),
                          doc="progress of the global model on the devices' validation splits")
-    relax: float = option(0.0, lo=0, hi=1, doc="once a round's validation gain falls below this fraction of the "
+    relax: float = option(0.25, lo=0, hi=1, doc="once a round's validation gain falls below this fraction of the "
                                                "largest so far (itself at least this fraction of the headroom), "
                                                "every deadline is the slowest device's baseline round (0: never)")
 
