@@ -169,15 +169,13 @@ class Adaptive(Legend):
 
     def state_dict(self) -> dict:
         return {"bandit": vars(self.bandit), "rng": self.rng.getstate(), "arm": self.arm, "pending": self.pending,
-                "last": self.last, "best_gain": self.best_gain, "headroom": self.headroom,
-                "relaxed": self.relaxed,
+                "last": self.last, "best_gain": self.best_gain, "headroom": self.headroom, "relaxed": self.relaxed,
                 "pruner": self.pruner.state_dict(), "probed": self.probed}
 
     def load_state_dict(self, state: dict) -> None:
         self.bandit = Bandit(**state["bandit"])
         self.rng.setstate(state["rng"])
-        self.arm, self.last, self.best_gain, self.relaxed = state["arm"], state["last"], state["best_gain"], state["relaxed"]
-        self.headroom = state["headroom"]
+        self.arm, self.last, self.best_gain = state["arm"], state["last"], state["best_gain"]
+        self.headroom, self.relaxed, self.probed = state["headroom"], state["relaxed"], state["probed"]
         self.pending = tuple(state["pending"]) if state["pending"] else None
         self.pruner.load_state_dict(state["pruner"])
-        self.probed = state["probed"]
