@@ -20,7 +20,7 @@ def adaptive(model: str, **overrides):
     """A config, its experiment and the strategy; long rounds, so that compute sets the deadline."""
     raw = tiny_config(model, **{"strategy.name": "adaptive", "model.lora.rank": 8, "train.local_steps": 5000,
                                 "strategy.drops": [0.0, 0.25, 0.5], "strategy.deadline_device": "jetson-tx2",
-                                "devices": DEVICES, **overrides})
+                                "strategy.full_arm": False, "devices": DEVICES, **overrides})
     exp = setup(from_dict(raw))
     return raw, exp, make_strategy(exp)
 
@@ -119,6 +119,21 @@ def test_once_the_gain_flattens_every_device_runs_the_baseline_if_it_can(tiny_be
     assert all(p.ranks == full and not p.frozen and not p.drop and not p.validate for p in plans.values())
     strategy.observe(6, reports(plans, 0.9), {})
     assert strategy.bandit.counts == counts  # no arm decides a relaxed round, so none is credited
+
+
+def test_the_full_arm_is_fedloras_round(tiny_bert):
+    _, exp, strategy = adaptive(tiny_bert, **{"strategy.factors": [0.9], "strategy.full_arm": True})
+    names, arms = list(exp.devices), []
+    slowest = max(strategy.baseline_seconds(names).values())
+    for r in range(3):  # untried arms first (a round's arm is credited a round later, so one may repeat)
+        plans = strategy.plan(r, names)
+        arms.append(strategy.arm)
+        baseline = all(p.trained(2) == [0, 1] and p.ranks == {0: 8, 1: 8} and not p.drop for p in plans.values())
+        assert baseline == (strategy.arm == 1)  # arm 1, the full arm: every device runs FedLoRA's plan
+        if baseline:
+            assert max(strategy.cost_of(d, p) for d, p in plans.items()) == pytest.approx(slowest)
+        strategy.observe(r, reports(plans, 0.3), {})
+    assert set(arms) == {0, 1}
 
 
 def test_a_memory_starved_run_resumes_exactly(tiny_bert, tmp_path):

@@ -1,7 +1,9 @@
 """Adaptive: pruning, layer dropout and per-layer rank in one plan per device (beyond the papers).
 
 Each round a common deadline is set as in LEGEND (the reference device's predicted baseline
-round) times a factor that a bandit picks online among `factors`.  Its reward is the round's
+round) times a factor that a bandit picks online among `factors`, or with `full_arm` FedLoRA's
+round (the slowest device's baseline round, in which every device can train every layer at
+full rank: a late round may trade speed for accuracy).  Its reward is the round's
 progress per second of the round (as long as its slowest device, on the run's clock), read
 from the devices' validation splits, never the test set: each device validates the global
 model it receives before training, so the next round's reports show what this round's
@@ -48,6 +50,7 @@ class AdaptiveOptions(LegendOptions):
     drop_on: str = option("frozen", choices=("frozen", "all"),
                           doc="layers dropout may skip: those below the device's depth (forward only), or all it runs")
     factors: list[float] = option([1.0, 0.9], doc="the bandit's arms: factors on LEGEND's deadline")
+    full_arm: bool = option(True, doc="one more arm: FedLoRA's round, the slowest device's baseline round")
     bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
     epsilon: float = option(0.1, lo=0, hi=1)
     reward: str = option("accuracy", choices=("accuracy", "loss"),
@@ -70,7 +73,7 @@ class Adaptive(Legend):
         # FedPruner (its default options) picks the submodel of a device whose memory is too small.
         pruner_cfg = dataclasses.replace(ctx.cfg, strategy=FedPrunerOptions(name=FedPruner.name))
         self.pruner = FedPruner(dataclasses.replace(ctx, cfg=pruner_cfg), state)
-        self.bandit = Bandit(len(self.opts.factors), self.opts.bandit, self.opts.epsilon)
+        self.bandit = Bandit(len(self.opts.factors) + self.opts.full_arm, self.opts.bandit, self.opts.epsilon)
         self.rng = random.Random(ctx.cfg.seed)
         self.arm = 0  # this round's
         self.pending: tuple[int, float] | None = None  # the last round's arm and seconds, awaiting its reward
@@ -83,10 +86,11 @@ class Adaptive(Legend):
 
     def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
         chosen = self.sample(round, available)
-        if self.relaxed:
+        if not self.relaxed:
+            self.arm = self.bandit.select(self.rng, list(range(self.bandit.arms)))
+        if self.relaxed or self.arm == len(self.opts.factors):  # FedLoRA's round
             deadline = max(self.baseline_seconds(chosen).values())
         else:
-            self.arm = self.bandit.select(self.rng, list(range(len(self.opts.factors))))
             deadline = self.deadline(available) * self.opts.factors[self.arm]
         # A round lasts at least as long as its slowest device's fastest plan: the others may use that.
         deadline = max([deadline, *(self.cost_of(d, self.configure(d, 0.0, round)) for d in chosen)])
