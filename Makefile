@@ -32,16 +32,20 @@ test: install
 
 # The methods' study (afresh), then every benchmark at full size; bench/study.py is their
 # shared module.  Reports, run directories and each benchmark's output go to bench/results/.
+# bench/legend.py and bench/droppeft.py read their methods' comparison from the study just run
+# (--study) instead of running those methods again.
 BENCHES := $(filter-out bench/study.py,$(wildcard bench/*.py))
+STUDY   := bench/results/study-agnews
 
 bench: install
-	@set -e; start=$$(date +%s); mkdir -p bench/results; rm -rf bench/results/study-agnews; \
-	$(BIN)/testbed compare examples/study-agnews.yaml --out bench/results/study-agnews; \
+	@set -e; start=$$(date +%s); mkdir -p bench/results; rm -rf $(STUDY); \
+	$(BIN)/testbed compare examples/study-agnews.yaml --out $(STUDY); \
 	for b in $(BENCHES); do \
 		n=$$(basename $$b .py); echo "== $$b"; \
-		$(BIN)/python $$b > bench/results/$$n.out; tail -n 1 bench/results/$$n.out | tee bench/results/$$n.json; \
+		case $$n in legend|droppeft) args="--study $(STUDY)";; *) args="";; esac; \
+		$(BIN)/python $$b $$args > bench/results/$$n.out; tail -n 1 bench/results/$$n.out | tee bench/results/$$n.json; \
 	done; \
-	echo "make bench: $$(( $$(date +%s) - start )) s; the study's report: bench/results/study-agnews/report.md"
+	echo "make bench: $$(( $$(date +%s) - start )) s; the study's report: $(STUDY)/report.md"
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

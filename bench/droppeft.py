@@ -9,7 +9,9 @@ mean over steps).
 Study: bench/study.py (8 Jetson-class devices, Dirichlet 0.5, modelled clock): `fedlora` (its
 devices also validate, for personalised accuracy), `droppeft` with its defaults, and
 `droppeft-ptls` (`personal_k: 1`: the top layer's LoRA stays on the devices).
---quick: 10 steps per p, one repeat, the quick study.  One JSON object on the last line.
+--quick: 10 steps per p, one repeat, the quick study.  --study DIR: the kernel, and the study's
+comparison read, per split over its seeds, from the `testbed compare` study in DIR instead of
+run (`make bench` passes the study it has just run).  One JSON object on the last line.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from study import DATA, ROOT, compare, run, study_sets
+from study import DATA, ROOT, compare, from_study, run, study_sets
 from agents.trainer import train_plan
 from testbed.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from testbed.data import load_splits, tokenize
@@ -68,14 +70,19 @@ def kernel(steps: int, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--study", type=Path, help="read the comparison from this study's report instead of running it")
     args = ap.parse_args()
-    sets = study_sets(args.quick)
     k = kernel(10 if args.quick else 30, 1 if args.quick else 3)
     for p, row in k["by_p"].items():
         print(f"p={p:<5} step {row['step_s']:.3f} s  ideal {row['ideal_s']:.3f} s  "
               f"{100 * row['fraction_of_ideal']:.1f} % of ideal speedup  footprint peak "
               f"{row['footprint_peak_mb']} MB, mean {row['footprint_mean_mb']} MB")
+    if args.study:
+        print(json.dumps({"bench": "droppeft", "quick": args.quick, "kernel": k, "study": str(args.study),
+                          "by_setting": from_study(args.study, ["fedlora", "droppeft"])}))
+        return
     out = ROOT / "bench" / "results" / ("droppeft-quick" if args.quick else "droppeft")
+    sets = study_sets(args.quick)
     runs = {"fedlora": ["strategy.name=fedlora", "strategy.validate=true"], "droppeft": ["strategy.name=droppeft"],
             "droppeft-ptls": ["strategy.name=droppeft", "strategy.personal_k=1"]}
     results = {name: run(name, sets + extra, Path(out)) for name, extra in runs.items()}

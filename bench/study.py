@@ -2,7 +2,9 @@
 
 Runs examples/agnews-jetsons.yaml once per strategy (same seed, same data, modelled clock)
 and compares each with `fedlora`: time and bytes to the target accuracy, final accuracy,
-per-device peak memory and round-time spread.
+per-device peak memory and round-time spread.  Or (`from_study`) reads the same comparison,
+per split and over seeds, from a `testbed compare` study that has already run the methods
+(`make bench` runs examples/study-agnews.yaml first, so its benchmarks do not run them again).
 """
 from __future__ import annotations
 
@@ -80,4 +82,21 @@ def compare(results: dict, baseline: str = "fedlora") -> dict:
                 round(100 * (r["final_personal_accuracy"] - base["final_personal_accuracy"]), 2)
                 if r["final_personal_accuracy"] is not None and base["final_personal_accuracy"] is not None else None),
         }
+    return out
+
+
+def from_study(study: Path, names: list[str]) -> dict:
+    """The study's figures for the methods `names`, per setting (split and device mix): its
+    report.json groups (seeds, time to target, speed-up, final accuracy, memory, traffic)."""
+    report = study / "report.json"
+    if not report.is_file():
+        sys.exit(f"no study report at {report}: run `testbed compare examples/study-agnews.yaml --out {study}` first")
+    out: dict[str, dict] = {}
+    for group in json.loads(report.read_text())["groups"]:
+        if group["method"] in names:
+            figures = {k: v for k, v in group.items() if k not in ("setting", "method", "runs")}
+            out.setdefault(group["setting"], {})[group["method"]] = figures
+    for setting, methods in out.items():
+        if missing := sorted(set(names) - set(methods)):
+            sys.exit(f"{report}: the study has no {', '.join(missing)} in setting {setting!r}")
     return out

@@ -1,13 +1,24 @@
 """Adaptive: pruning, layer dropout and per-layer rank in one plan per device (beyond the papers).
 
 Each round a common deadline is set as in LEGEND (the reference device's predicted baseline
-round) times a factor that a bandit picks online among `factors`; its reward is the gain in
-global test accuracy (or the drop in test loss) since the last evaluation per second of those
-rounds, each as long as its slowest device on the run's clock.  The deadline is raised to the
-slowest device's fastest plan (the round cannot be shorter, so the others may use the time).
-Every device then gets, from the cost model, the plan that fits its memory and meets the
-deadline with the most LoRA capacity (rank x (1 - p) summed over trained layers, then depth),
-then the least dropout, among:
+round) times a factor that a bandit picks online among `factors`, or with `full_arm` FedLoRA's
+round (the slowest device's baseline round, in which every device can train every layer at
+full rank: a late round may trade speed for accuracy).  Its reward is the round's
+progress per second of the round (as long as its slowest device, on the run's clock), read
+from the devices' validation splits, never the test set: each device validates the global
+model it receives before training, so the next round's reports show what this round's
+aggregate gained (accuracy, or the drop in loss; samples-weighted over the devices).
+
+With `relax`, once a round has gained at least `relax` of the headroom the first validation
+left (1 - accuracy, or the loss) and a later round gains less than `relax` times the largest
+gain so far, the gain per round has flattened (the first condition keeps a flat start, which
+is noise, from counting): from then on the deadline is the slowest device's baseline round,
+so every device that can runs FedLoRA's plan and late rounds trade speed for accuracy.
+
+The deadline is raised to the slowest device's fastest plan (the round cannot be shorter, so
+the others may use the time).  Every device then gets, from the cost model, the plan that fits
+its memory and meets the deadline with the most LoRA capacity (rank x (1 - p) summed over
+trained layers, then depth), then the least dropout, among:
 
 - layers: all of them; where no plan over all layers fits the device's memory, FedPruner's
   submodel (the most layers that fit, one kept per group of alike layers, probed on the server);
@@ -39,9 +50,14 @@ class AdaptiveOptions(LegendOptions):
     drop_on: str = option("frozen", choices=("frozen", "all"),
                           doc="layers dropout may skip: those below the device's depth (forward only), or all it runs")
     factors: list[float] = option([1.0, 0.9], doc="the bandit's arms: factors on LEGEND's deadline")
+    full_arm: bool = option(True, doc="one more arm: FedLoRA's round, the slowest device's baseline round")
     bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
     epsilon: float = option(0.1, lo=0, hi=1)
-    reward: str = option("accuracy", choices=("accuracy", "loss"))
+    reward: str = option("accuracy", choices=("accuracy", "loss"),
+                         doc="progress of the global model on the devices' validation splits")
+    relax: float = option(0.25, lo=0, hi=1, doc="once a round's validation gain falls below this fraction of the "
+                                               "largest so far (itself at least this fraction of the headroom), "
+                                               "every deadline is the slowest device's baseline round (0: never)")
 
 
 class Adaptive(Legend):
@@ -57,22 +73,30 @@ class Adaptive(Legend):
         # FedPruner (its default options) picks the submodel of a device whose memory is too small.
         pruner_cfg = dataclasses.replace(ctx.cfg, strategy=FedPrunerOptions(name=FedPruner.name))
         self.pruner = FedPruner(dataclasses.replace(ctx, cfg=pruner_cfg), state)
-        self.bandit = Bandit(len(self.opts.factors), self.opts.bandit, self.opts.epsilon)
+        self.bandit = Bandit(len(self.opts.factors) + self.opts.full_arm, self.opts.bandit, self.opts.epsilon)
         self.rng = random.Random(ctx.cfg.seed)
-        self.arm = -1  # -1: pick an arm at the next plan
-        self.seconds = 0.0  # of the rounds since the last evaluation
-        self.last: float | None = None  # accuracy (or loss) at the last evaluation
+        self.arm = 0  # this round's
+        self.pending: tuple[int, float] | None = None  # the last round's arm and seconds, awaiting its reward
+        self.last: float | None = None  # validation accuracy (or loss) the last round started from
+        self.best_gain = 0.0  # the largest gain of a round so far
+        self.headroom: float | None = None  # what the first validation left to gain
+        self.relaxed = False
         self.plans: dict[str, Plan] = {}
         self.probed = -1  # the round the pruner's probe was taken
 
     def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
-        if self.arm < 0:  # an arm holds until the next evaluation, which rewards it
-            self.arm = self.bandit.select(self.rng, list(range(len(self.opts.factors))))
         chosen = self.sample(round, available)
-        deadline = self.deadline(available) * self.opts.factors[self.arm]
+        if not self.relaxed:
+            self.arm = self.bandit.select(self.rng, list(range(self.bandit.arms)))
+        if self.relaxed or self.arm == len(self.opts.factors):  # FedLoRA's round
+            deadline = max(self.baseline_seconds(chosen).values())
+        else:
+            deadline = self.deadline(available) * self.opts.factors[self.arm]
         # A round lasts at least as long as its slowest device's fastest plan: the others may use that.
         deadline = max([deadline, *(self.cost_of(d, self.configure(d, 0.0, round)) for d in chosen)])
-        self.plans = {d: self.configure(d, deadline, round) for d in chosen}
+        # Devices validate while the bandit and the relax test need it (each validation costs forward passes).
+        self.plans = {d: dataclasses.replace(self.configure(d, deadline, round), validate=not self.relaxed)
+                      for d in chosen}
         return self.plans
 
     def cost_of(self, device: str, plan: Plan) -> float:
@@ -114,25 +138,48 @@ class Adaptive(Legend):
         return self.pruner.submodel(device).layers
 
     def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
-        """Reward the arm with the progress since the last evaluation per second of its rounds."""
-        devices = self.ctx.devices
-        times = [self.ctx.cost.round_seconds(devices[d], self.plans[d]) if self.ctx.cfg.clock == "modelled"
-                 else r.compute_s for d, r in reports.items() if d in self.plans]
-        self.seconds += max(times, default=0.0)
-        value = metrics.get(self.opts.reward)
-        if value is None:
+        """Reward the last round's arm with the progress its aggregate shows on this round's
+        validation, per second of that round; the test metrics are not read.  Relaxed rounds have
+        no arm to reward."""
+        if self.relaxed:
             return
-        if self.last is not None and self.seconds > 0:  # the first evaluation has nothing to compare with
+        mine = {d: r for d, r in reports.items() if d in self.plans}
+        value = self.validation(mine) if mine else None
+        if self.pending and value is not None and self.last is not None:
+            arm, seconds = self.pending
             gain = value - self.last if self.opts.reward == "accuracy" else self.last - value
-            self.bandit.update(self.arm, gain / self.seconds)
-        self.last, self.seconds, self.arm = value, 0.0, -1
+            self.bandit.update(arm, gain / max(seconds, 1e-9))
+            self.best_gain = max(self.best_gain, gain)
+            self.relaxed = self.flattened(gain)
+        if value is not None:
+            if self.headroom is None:
+                self.headroom = 1 - value if self.opts.reward == "accuracy" else value
+            self.last = value
+        times = [self.ctx.cost.round_seconds(self.ctx.devices[d], self.plans[d]) if self.ctx.cfg.clock == "modelled"
+                 else r.compute_s for d, r in mine.items()]
+        self.pending = None if self.relaxed or not mine else (self.arm, max(times))
+
+    def flattened(self, gain: float) -> bool:
+        """After a steep round (one that gained `relax` of the headroom), a round that gains less
+        than `relax` of the steepest."""
+        r = self.opts.relax
+        return r > 0 and self.best_gain >= r * self.headroom and gain < r * self.best_gain
+
+    def validation(self, reports: dict[str, Report]) -> float:
+        """The global model the devices received, on their validation splits (weighted by samples)."""
+        key = "val_accuracy_before" if self.opts.reward == "accuracy" else "val_loss_before"
+        weights = {d: self.ctx.samples[d] for d in reports}
+        return sum(getattr(r, key) * weights[d] for d, r in reports.items()) / max(sum(weights.values()), 1)
 
     def state_dict(self) -> dict:
-        return {"bandit": vars(self.bandit), "rng": self.rng.getstate(), "arm": self.arm, "seconds": self.seconds,
-                "last": self.last, "pruner": self.pruner.state_dict(), "probed": self.probed}
+        return {"bandit": vars(self.bandit), "rng": self.rng.getstate(), "arm": self.arm, "pending": self.pending,
+                "last": self.last, "best_gain": self.best_gain, "headroom": self.headroom, "relaxed": self.relaxed,
+                "pruner": self.pruner.state_dict(), "probed": self.probed}
 
     def load_state_dict(self, state: dict) -> None:
         self.bandit = Bandit(**state["bandit"])
         self.rng.setstate(state["rng"])
-        self.arm, self.seconds, self.last, self.probed = state["arm"], state["seconds"], state["last"], state["probed"]
+        self.arm, self.last, self.best_gain = state["arm"], state["last"], state["best_gain"]
+        self.headroom, self.relaxed, self.probed = state["headroom"], state["relaxed"], state["probed"]
+        self.pending = tuple(state["pending"]) if state["pending"] else None
         self.pruner.load_state_dict(state["pruner"])

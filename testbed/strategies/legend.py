@@ -66,12 +66,15 @@ class Legend(Strategy):
         deadline = self.deadline(available)
         return {d: self.configure(d, deadline) for d in chosen}
 
-    def deadline(self, available: list[str]) -> float:
-        """Predicted round time of the reference device running the baseline (all layers, one rank)."""
-        cost, devices = self.ctx.cost, self.ctx.devices
+    def baseline_seconds(self, devices: list[str]) -> dict[str, float]:
+        """Each device's predicted round time running the baseline (all layers, one rank)."""
         rank = self.ctx.cfg.model.lora.rank
         baseline = self.base_plan(dict.fromkeys(range(self.ctx.model.num_layers), rank))
-        times = {d: cost.round_seconds(devices[d], baseline) for d in available}
+        return {d: self.ctx.cost.round_seconds(self.ctx.devices[d], baseline) for d in devices}
+
+    def deadline(self, available: list[str]) -> float:
+        """Predicted round time of the reference device running the baseline."""
+        devices, times = self.ctx.devices, self.baseline_seconds(available)
         ref = self.opts.deadline_device
         if ref == "median":
             value = statistics.median_low(sorted(times.values()))
