@@ -147,6 +147,8 @@ def read_mapping(path: Path, what: str) -> dict:
         where = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise TestbedError(f"{path}: not valid YAML{where}: {problem}") from None
+    except ValueError as exc:  # PyYAML's own number parsing, e.g. of `0b_`
+        raise TestbedError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise TestbedError(f"{path}: expected a mapping of keys at the top level")
     return raw
@@ -188,7 +190,7 @@ def apply_override(raw: dict, item: str, source: str | Path) -> None:
         raise TestbedError(f"--set {item!r}: expected KEY=VALUE, for example train.lr=1e-3")
     try:
         parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: PyYAML's number parsing, e.g. of `0b_`
         parsed = value
     set_dotted(raw, key, parsed, f"--set {item!r}", source)
 

@@ -101,7 +101,7 @@ def expand(pattern: str, where: str = "inventory") -> list[str]:
 def _from_yaml(text: str, where: str) -> dict[str, _Group]:
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: PyYAML's number parsing, e.g. of `0b_`
         raise TestbedError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict) or not raw:
         raise TestbedError(f"{where}: expected a mapping of groups (usually `all:`)")
@@ -299,7 +299,7 @@ def _ini_value(text: str) -> Any:
     """INI values are YAML scalars in ansible (`22` is a number, `yes` a boolean)."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: PyYAML's number parsing, e.g. of `0b_`
         return text
     return value if isinstance(value, (str, int, float, bool)) or value is None else text
 

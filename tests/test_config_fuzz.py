@@ -22,6 +22,8 @@ def test_fuzzed_sections(raw):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config_texts)
 @example(("", ["\nh5=e"]))  # found by bench/faults.py: the key's newline split the error in two lines
+@example(("rounds: 0b_", []))  # PyYAML raises ValueError on `0b_`
+@example(("", ["train.lr=0b_"]))
 def test_fuzzed_files_and_overrides(tmp_path, text_and_sets):
     check_config_text(tmp_path, text_and_sets)
 
