@@ -74,6 +74,8 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
         for batch in batches(indices, plan.local_steps, plan.batch_size, gen):
             t0 = time.perf_counter()
             keep = [l for l in resident if torch.rand((), generator=gen).item() >= plan.drop.get(l, 0.0)]
+            if plan.max_active and len(keep) > plan.max_active:  # a random subset of the drawn layers runs
+                keep = sorted(keep[i] for i in torch.randperm(len(keep), generator=gen)[: plan.max_active].tolist())
             with running_layers(bb, keep, plan.blocks), counter:
                 loss = model(**tokens.take(batch)).loss
             loss.backward()

@@ -199,10 +199,12 @@ class Aggregator:
 
 def plan_summary(plan: Plan, num_layers: int) -> dict:
     """What a device was asked to do, in three numbers: LoRA layers trained, their ranks summed,
-    and the mean drop probability of its resident layers."""
-    trained, resident = plan.trained(num_layers), plan.resident(num_layers)
-    return {"layers": len(trained), "rank_sum": sum(plan.ranks[l] for l in trained),
-            "drop": round(sum(plan.drop.get(l, 0.0) for l in resident) / max(len(resident), 1), 4)}
+    and the mean probability that a resident layer is skipped in a step (and the cap on the
+    layers a step runs, where there is one)."""
+    trained, running = plan.trained(num_layers), plan.running(num_layers)
+    summary = {"layers": len(trained), "rank_sum": sum(plan.ranks[l] for l in trained),
+               "drop": round(sum(1 - p for p in running.values()) / max(len(running), 1), 4)}
+    return summary | ({"max_active": plan.max_active} if plan.max_active else {})
 
 
 def personal_accuracy(per_device: list[dict], updates: list) -> float | None:

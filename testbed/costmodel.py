@@ -7,7 +7,8 @@ Strategies reason about devices only through this.
   their gradients and AdamW state, and the activations saved for backward by the layers at
   or above the lowest LoRA layer (below it nothing is saved).  Saved bytes per token are
   counted once per run on the real model (`measure_activations`), so the figure is exact for
-  the run's sequence length; memory is the worst case over dropout (every layer runs).
+  the run's sequence length; memory is the worst case over dropout (every layer runs, or
+  under `max_active` the layers that save the most).
 - Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
   FLOPs where no profile fits the model): forward of every layer that runs (with LoRA at the
   plan's rank, or without LoRA), backward only at or above the lowest trained LoRA layer, each weighted by
@@ -22,6 +23,7 @@ Strategies reason about devices only through this.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +65,12 @@ class CostModel:
         p, n = self.profile, self.info.num_layers
         lowest = min(plan.trained(n), default=n)
         seconds = p.embed_s + p.head_s
+        running = plan.running(n)
         for layer in plan.resident(n):
             rank = plan.ranks.get(layer, 0)
             forward = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
             backward = at_rank(p.backward_s, max(rank, 1), layer) if layer >= lowest else 0.0
-            seconds += (1 - plan.drop.get(layer, 0.0)) * (forward + backward) * self.block_share(plan.block(layer))
+            seconds += running[layer] * (forward + backward) * self.block_share(plan.block(layer))
         tokens = plan.batch_size * self.seq_len / (p.batch_size * p.seq_len)
         return seconds * tokens / device.speed
 
@@ -128,12 +131,24 @@ class CostModel:
         frozen = self.lora_params(plan, [l for l in plan.adapted(n) if l in plan.frozen])
         lowest = min(plan.trained(n), default=n)
         tokens = plan.batch_size * self.seq_len
-        saved = tokens * (act.fixed + sum(per_layer[plan.block(l)] for l in plan.resident(n) if l >= lowest))
+        saving = sorted((per_layer[plan.block(l)] for l in plan.resident(n) if l >= lowest), reverse=True)
+        saved = tokens * (act.fixed + sum(saving[: plan.max_active or None]))  # the worst step under the cap
         head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
         return int((resident + 4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
 
     def fits(self, device: Device, plan: Plan) -> bool:
         return self.peak_memory_bytes(device, plan) <= device.memory_mb * 1024 * 1024
+
+    def within_memory(self, device: Device, plan: Plan) -> Plan | None:
+        """`plan` if it fits; else `plan` with the largest cap on the layers a step runs that fits
+        (layer dropout whose every step fits, not only the average one); None if one layer does not."""
+        if self.fits(device, plan):
+            return plan
+        for k in range(len(plan.resident(self.info.num_layers)) - 1, 0, -1):
+            capped = dataclasses.replace(plan, max_active=k)
+            if self.fits(device, capped):
+                return capped
+        return None
 
     def transfer_seconds(self, device: Device, nbytes: int) -> float:
         return device.latency_ms / 1000 + nbytes * 8 / (device.bandwidth_mbit * 1e6)

@@ -25,6 +25,7 @@ class Plan:
     ranks: dict[int, int]  # LoRA rank per original layer index; 0 = no LoRA there
     layers: list[int] | None = None  # layers resident on the device; None = all
     drop: dict[int, float] = field(default_factory=dict)  # per-layer skip probability
+    max_active: int = 0  # at most this many layers run in a step (0 = no cap): dropout within a memory budget
     personal: list[int] = field(default_factory=list)  # layers whose LoRA never leaves the device
     frozen: list[int] = field(default_factory=list)  # layers whose global LoRA runs but is not trained
     local_steps: int = 10
@@ -56,6 +57,24 @@ class Plan:
     def downlink(self, num_layers: int) -> list[int]:
         """Layers whose global LoRA the plan carries: the shared ones and the frozen ones."""
         return [l for l in self.adapted(num_layers) if l not in self.personal]
+
+    def running(self, num_layers: int) -> dict[int, float]:
+        """The probability that each resident layer runs in a step: it is drawn (1 - drop) and,
+        under `max_active`, it is among the drawn layers kept (a uniform random subset)."""
+        layers = self.resident(num_layers)
+        drawn = {l: 1 - self.drop.get(l, 0.0) for l in layers}
+        k = self.max_active
+        if not k or k >= len(layers):
+            return drawn
+        running = {}
+        for l in layers:
+            others = [1.0]  # how many of the other layers are drawn (Poisson binomial)
+            for o in layers:
+                if o != l:
+                    q = drawn[o]
+                    others = [a * (1 - q) + b * q for a, b in zip(others + [0.0], [0.0] + others)]
+            running[l] = drawn[l] * sum(p * min(1.0, k / (j + 1)) for j, p in enumerate(others))
+        return running
 
 
 @dataclass

@@ -157,6 +157,8 @@ def plan_message(round: int, device: str, seq: int, plan: Plan, lora: LoraState,
             "personal": plan.personal, "frozen": plan.frozen, "local_steps": plan.local_steps,
             "batch_size": plan.batch_size, "lr": plan.lr, "validate": plan.validate,
             "blocks": sorted(plan.blocks.items()), "probe_rows": plan.probe_rows, "probe_blocks": plan.probe_blocks}
+    if plan.max_active:  # absent when uncapped, so uncapped plans keep their size on the wire
+        meta["max_active"] = plan.max_active
     return Message("plan", round, device, seq, meta, _flatten(lora, head))
 
 
@@ -169,9 +171,12 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
                     frozen=[int(l) for l in m["frozen"]],
                     local_steps=int(m["local_steps"]), batch_size=int(m["batch_size"]), lr=float(m["lr"]),
                     validate=bool(m["validate"]), blocks={int(l): str(b) for l, b in m["blocks"]},
-                    probe_rows=int(m["probe_rows"]), probe_blocks=bool(m["probe_blocks"]))
+                    probe_rows=int(m["probe_rows"]), probe_blocks=bool(m["probe_blocks"]),
+                    max_active=int(m.get("max_active", 0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"malformed plan from the aggregator: {exc}") from None
+    if plan.max_active < 0:
+        raise WireError(f"malformed plan from the aggregator: max_active {plan.max_active} < 0")
     if bad := sorted(set(plan.blocks.values()) - {"attn", "ffn", BOTH}):
         raise WireError(f"malformed plan from the aggregator: unknown block {bad[0]!r}")
     return (plan, *_unflatten(msg.tensors))

@@ -15,7 +15,7 @@ from testbed import experiment
 from testbed.model import init_lora, load_backbone, model_info
 from testbed.plan import Plan
 from testbed.run import run_inprocess
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_bert, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,14 @@ def setup(tiny_bert):
     return bb, tokens, {n: p.detach().clone() for n, p in bb.head_params().items()}
 
 
-def train(setup, drop, steps=4):
+def train(setup, drop, steps=4, max_active=0):
     bb, tokens, head = setup
     info = model_info(bb)
     lora = init_lora(info, [0, 1], 4, seed=0)
     lora = {l: {n: t + 0.01 for n, t in ts.items()} for l, ts in lora.items()}  # B != 0: gradients reach A
-    res = train_plan(bb, Plan(ranks={0: 4, 1: 4}, drop=drop, local_steps=steps, batch_size=16), lora, head, tokens,
-                     list(range(32)), LoraConfig(rank=4, alpha=8), TrainConfig(lr=1e-2), seed=1)
+    plan = Plan(ranks={0: 4, 1: 4}, drop=drop, local_steps=steps, batch_size=16, max_active=max_active)
+    res = train_plan(bb, plan, lora, head, tokens, list(range(32)), LoraConfig(rank=4, alpha=8),
+                     TrainConfig(lr=1e-2), seed=1)
     return lora, res
 
 
@@ -51,6 +52,46 @@ def test_layer_dropout_is_seeded(setup):
     _, a = train(setup, {0: 0.5, 1: 0.5}, steps=8)
     _, b = train(setup, {0: 0.5, 1: 0.5}, steps=8)
     assert a.active_steps == b.active_steps and a.loss == b.loss
+
+
+def test_a_step_runs_at_most_max_active_layers(setup):
+    _, full = train(setup, {}, steps=8)
+    _, capped = train(setup, {}, steps=8, max_active=1)
+    assert sum(capped.active_steps.values()) == 8 and min(capped.active_steps.values()) > 0
+    assert capped.footprint_mb < full.footprint_mb
+
+
+def test_running_probability_under_a_cap_matches_sampling():
+    plan = Plan(ranks={}, drop={0: 0.5, 1: 0.2, 3: 0.7}, max_active=2)
+    rng, counts, trials = random.Random(0), [0] * 4, 40000
+    for _ in range(trials):
+        drawn = [l for l in range(4) if rng.random() >= plan.drop.get(l, 0.0)]
+        for l in rng.sample(drawn, min(len(drawn), 2)):
+            counts[l] += 1
+    predicted = plan.running(4)
+    assert all(abs(predicted[l] - counts[l] / trials) < 0.01 for l in range(4)), (predicted, counts)
+    assert Plan(ranks={}, drop={0: 0.5}).running(2) == {0: 0.5, 1: 1.0}  # uncapped: 1 - drop
+
+
+@pytest.fixture(scope="module")
+def bert4(tmp_path_factory) -> str:
+    return save_tiny_bert(tmp_path_factory.mktemp("bert4"), layers=4)
+
+
+def test_a_memory_tight_device_runs_capped_dropout_that_fits(bert4, tmp_path):
+    """Counted footprints on this setup: about 3.9 MB plus 2.8 MB per running layer (15.1 MB for
+    all four); an 11 MB budget affords two.  FedLoRA runs out of memory there, DropPEFT does not."""
+    devices = {"laptop": 1, "jetson-tx2": {"count": 1, "memory_mb": 11}}
+    raw = tiny_config(bert4, devices=devices, **{"model.max_length": 64, "train.batch_size": 16})
+    base = run_inprocess(from_dict(raw), tmp_path / "fedlora", quiet=True)
+    assert {(f["device"], f["kind"]) for f in base["failures"]} == {("jetson-tx2-0", "oom")}
+    raw["strategy"] = {"name": "droppeft"}
+    summary = run_inprocess(from_dict(raw), tmp_path / "droppeft", quiet=True)
+    assert summary["failures"] == []
+    rows = [json.loads(l) for l in (tmp_path / "droppeft" / "metrics.jsonl").read_text().splitlines()]
+    tx2 = [d for r in rows for d in r["devices"] if d["device"] == "jetson-tx2-0"]
+    assert len(tx2) == 2 and all(d["max_active"] == 2 and d["peak_train_mem_mb"] <= 11 for d in tx2)
+    assert all("max_active" not in d for r in rows for d in r["devices"] if d["device"] == "laptop-0")
 
 
 @pytest.mark.parametrize("policy", ["ucb1", "epsilon", "thompson"])

@@ -107,8 +107,9 @@ def attention_bert(tmp_path_factory) -> str:
 def test_a_memory_limited_host_gets_a_plan_that_fits_while_fedlora_is_killed_by_its_cgroup(attention_bert, tmp_path):
     """Both hosts are of one class, and the counted footprint of the full plan (about 500 MB) is
     within both configured budgets (testbed_memory_mb): only what their agents measure under
-    their cgroup limits tells them apart.  LEGEND plans within the tight host's limit; FedLoRA's
-    full plan (about 1.3 GB of RSS) is killed there by the kernel, and the run records it."""
+    their cgroup limits tells them apart.  LEGEND plans within the tight host's limit, and
+    DropPEFT caps the layers a step runs there; FedLoRA's full plan (about 1.3 GB of RSS) is
+    killed there by the kernel, and the run records it."""
     hosts = {"roomy": {"ansible_host": f"{SUBNET_MEM}.10", "testbed_memory_mb": 3072},
              "tight": {"ansible_host": f"{SUBNET_MEM}.11", "testbed_memory_mb": 800}}
     for h in hosts.values():
@@ -118,7 +119,7 @@ def test_a_memory_limited_host_gets_a_plan_that_fits_while_fedlora_is_killed_by_
     state = lab.up(lab.lab_spec(inv, f"{NAME}m", str(tmp_path / "lab")))
     try:
         runs = {}
-        for method in ("legend", "fedlora"):
+        for method in ("legend", "droppeft", "fedlora"):
             cfg = tiny_config(attention_bert, strategy={"name": method}, **base)
             runs[method] = (tmp_path / "runs" / method,
                             deploy(inv, write_config(tmp_path, cfg), tmp_path / "runs" / method))
@@ -129,6 +130,11 @@ def test_a_memory_limited_host_gets_a_plan_that_fits_while_fedlora_is_killed_by_
     assert json.loads((out / "summary.json").read_text())["failures"] == []
     depth = {d["device"]: d["layers"] for d in rows(out)[0]["devices"]}
     assert depth["tight"] < depth["roomy"] == 8, depth
+    out, proc = runs["droppeft"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["failures"] == []
+    cap = {d["device"]: d.get("max_active") for d in rows(out)[0]["devices"]}
+    assert cap["roomy"] is None and 0 < cap["tight"] < 8, cap
     out, proc = runs["fedlora"]
     assert proc.returncode == 0, proc.stderr[-3000:]  # the run finished, without the killed host
     (failure,) = json.loads((out / "summary.json").read_text())["failures"]

@@ -41,6 +41,11 @@ def test_plan_round_trips_exactly():
     lora = {3: {"q.A": torch.ones(4, 6), "q.B": torch.zeros(6, 4)}}
     back, lora_back, head = read_plan(unpack(pack(plan_message(2, "d", 1, plan, lora, {"w": torch.ones(3)}), KEY), KEY))
     assert back == plan and torch.equal(lora_back[3]["q.A"], lora[3]["q.A"]) and torch.equal(head["w"], torch.ones(3))
+    capped = Plan(ranks={0: 4, 1: 4}, drop={0: 0.5}, max_active=1)
+    assert read_plan(unpack(pack(plan_message(2, "d", 1, capped, {}, {}), KEY), KEY))[0] == capped
+    assert "max_active" not in plan_message(2, "d", 1, plan, lora, {}).meta  # uncapped plans keep their size
+    with pytest.raises(WireError, match="max_active -1"):
+        read_plan(unpack(pack(plan_message(2, "d", 1, Plan(ranks={}, max_active=-1), {}, {}), KEY), KEY))
 
 
 def test_block_plans_and_probes_round_trip_exactly():

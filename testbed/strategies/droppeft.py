@@ -4,8 +4,10 @@ Reconstructed from arXiv 2503.10217; every guess is an option.  Each round a ban
 device (or per device class) picks a dropout vector (an arm); at every local step the
 device skips each layer with that probability, so a skipped layer costs no compute and
 stores nothing.  The reward is the gain in the device's validation accuracy (or the drop
-in its validation loss) per second of the round on the run's clock.  Arms whose predicted
-memory does not fit the device are never tried.
+in its validation loss) per second of the round on the run's clock.  An arm whose predicted
+memory does not fit the device runs with a cap on the layers a step may run (the most that fit:
+`Plan.max_active`), so that every step fits, not only the average one; an arm that does not
+fit with one layer is never tried.
 
 Rounds are synchronous: a round lasts as long as its slowest device, so dropout on a device
 that would finish early anyway saves no time and only costs learning.  By default
@@ -98,23 +100,25 @@ class DropPEFT(Strategy):
             self.personal = sorted(ranked[: self.opts.personal_k])
         rank = self.ctx.cfg.model.lora.rank
         ranks = {l: rank for l in range(self.ctx.model.num_layers)}
-        candidates = [self.base_plan(ranks, drop=arm, personal=self.personal, validate=True) for arm in self.arms]
+        arms = [self.base_plan(ranks, drop=arm, personal=self.personal, validate=True) for arm in self.arms]
         lightest = max(range(len(self.arms)), key=lambda i: sum(self.arms[i].values()))
-        allowed = {}
+        candidates, allowed = {}, {}
         for device in self.sample(round, available):
             bandit = self.bandits.setdefault(self.bandit_key(device),
                                              Bandit(len(self.arms), self.opts.bandit, self.opts.epsilon))
-            allowed[device] = [i for i, p in enumerate(candidates) if self.ctx.cost.fits(self.ctx.devices[device], p)]
+            fitted = [self.ctx.cost.within_memory(self.ctx.devices[device], p) for p in arms]
+            candidates[device] = [f or p for f, p in zip(fitted, arms)]
+            allowed[device] = [i for i, f in enumerate(fitted) if f]
             self.chosen[device] = bandit.select(self.rng, allowed[device] or [lightest])
         if self.opts.straggler == "clamp" and allowed:
             self.clamp(candidates, allowed)
-        self.plans = {d: candidates[self.chosen[d]] for d in allowed}
+        self.plans = {d: candidates[d][self.chosen[d]] for d in allowed}
         return self.plans
 
-    def clamp(self, candidates: list[Plan], allowed: dict[str, list[int]]) -> None:
+    def clamp(self, candidates: dict[str, list[Plan]], allowed: dict[str, list[int]]) -> None:
         """Each device runs the least dropout whose predicted round ends within the slowest chosen one."""
         devices, cost = self.ctx.devices, self.ctx.cost
-        seconds = {d: [cost.round_seconds(devices[d], p) for p in candidates] for d in allowed}
+        seconds = {d: [cost.round_seconds(devices[d], p) for p in candidates[d]] for d in allowed}
         bound = max(seconds[d][self.chosen[d]] for d in allowed)
         for d in allowed:
             within = [i for i in allowed[d] if seconds[d][i] <= bound] + [self.chosen[d]]
