@@ -11,8 +11,9 @@ The lab is torn down afterwards, also on failure.  Needs root.
 Memory (a lab of its own, 2 hosts of 1 CPU: `roomy`, 3 GB, and `tight`, whose cgroup holds
 800 MB): 2 rounds of each method on an 8-layer BERT of hidden 64 read at length 256, batch 16,
 whose full plan needs about 1.3 GB of RSS; agents measure their memory when they join and
-rank 0 plans within it.  Reported per method: the tight host's layers and peak RSS per round,
-and its failures (an OOM kill names the OOM killer).  --quick: legend and fedlora only.
+rank 0 plans within it.  Reported per method: the tight host's LoRA layers, cap on the layers
+a step runs (DropPEFT) and peak RSS per round, and its failures (an OOM kill names the OOM
+killer).  --quick: legend and fedlora only.
 
 Reported per run: seconds from starting `testbed deploy` to the hosts checked, the project
 pushed, every rank started, and the first round starting (the first metrics row's arrival
@@ -116,6 +117,7 @@ def memory(folder: Path, methods: list[str]) -> dict:
             rows = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines()]
             tight = [next((d for d in r["devices"] if d["device"] == "tight"), None) for r in rows]
             out[method] = {"exit": code, "tight_layers": [d and d["layers"] for d in tight],
+                           "tight_max_active": [d and d.get("max_active") for d in tight],
                            "tight_peak_rss_mb": [d and round(d["peak_rss_mb"], 1) for d in tight],
                            "tight_failures": [(f["round"], f["kind"], f.get("cause", "")) for f in
                                               job.summary()["failures"] if f["device"] == "tight"]}
