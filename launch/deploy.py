@@ -590,6 +590,9 @@ print("stopped" if not group or gone() else "still running")
 
 def stop(ranks: list[Rank], sessions: dict[str, Session], aggregator: Session | None, out: Path) -> None:
     """Stop every rank (here first), keep the remote aggregator's run, remove the run directories."""
+    start = time.monotonic()
+    if running := sum(r.status() is None for r in ranks):
+        print(f"testbed: stopping {running} running ranks", file=sys.stderr)
     here = next((r for r in ranks if r.proc is not None), None)
     if here is not None:
         stop_here(here.proc)
@@ -612,6 +615,9 @@ def stop(ranks: list[Rank], sessions: dict[str, Session], aggregator: Session | 
     for r in ranks:
         if r.pump is not None:
             r.pump.join(timeout=5)
+    if made:
+        print(f"testbed: stopped the ranks and removed the run directories on {len(made)} hosts "
+              f"({time.monotonic() - start:.1f} s)", file=sys.stderr)
 
 
 def fetch_run(s: Session, out: Path, run_dir: str = "") -> None:

@@ -362,7 +362,11 @@ def test_ctrl_c_stops_every_rank_and_cleans_up(sshd, tmp_path, tiny_bert):
         agents = run_processes(str(hosts))
         assert len(agents) == 2
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"deploy still running 60 s after Ctrl-C:\n{proc.communicate()[1][-3000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
