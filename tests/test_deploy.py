@@ -352,8 +352,11 @@ def test_ctrl_c_stops_every_rank_and_cleans_up(sshd, tmp_path, tiny_bert):
     config = write_config(tmp_path, tiny_config(tiny_bert, rounds=100, **{"train.local_steps": 200,
                                                                           "dist.profile": False}))
     out = tmp_path / "runs" / "r3"
+    # Ctrl-C as at a terminal: a test run started in the background inherits SIGINT ignored, and
+    # Python (rightly) keeps ignoring it
     proc = subprocess.Popen(deploy_cmd(inv, config, out, sshd.known_hosts), env=ENV, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
