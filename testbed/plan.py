@@ -68,13 +68,17 @@ class Plan:
             return drawn
         running = {}
         for l in layers:
-            others = [1.0]  # how many of the other layers are drawn (Poisson binomial)
-            for o in layers:
-                if o != l:
-                    q = drawn[o]
-                    others = [a * (1 - q) + b * q for a, b in zip(others + [0.0], [0.0] + others)]
+            others = count_distribution([drawn[o] for o in layers if o != l])
             running[l] = drawn[l] * sum(p * min(1.0, k / (j + 1)) for j, p in enumerate(others))
         return running
+
+
+def count_distribution(probs: list[float]) -> list[float]:
+    """P(exactly j of independent events with these probabilities happen), j = 0..len (Poisson binomial)."""
+    dist = [1.0]
+    for q in probs:
+        dist = [a * (1 - q) + b * q for a, b in zip(dist + [0.0], [0.0] + dist)]
+    return dist
 
 
 @dataclass

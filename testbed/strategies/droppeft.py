@@ -6,8 +6,8 @@ device skips each layer with that probability, so a skipped layer costs no compu
 stores nothing.  The reward is the gain in the device's validation accuracy (or the drop
 in its validation loss) per second of the round on the run's clock.  An arm whose predicted
 memory does not fit the device runs with a cap on the layers a step may run (the most that fit:
-`Plan.max_active`), so that every step fits, not only the average one; an arm that does not
-fit with one layer is never tried.
+`Plan.max_active`), so that every step fits, not only the average one.  A device on which no
+arm fits even at one layer runs the lightest arm, and its out-of-memory is recorded.
 
 Rounds are synchronous: a round lasts as long as its slowest device, so dropout on a device
 that would finish early anyway saves no time and only costs learning.  By default
