@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from testbed.aggregate import Contribution, aggregate
-from testbed.plan import LayerState, LoraState
+from testbed.core.plan import LayerState, LoraState
+from testbed.server.aggregate import Contribution, aggregate
 
 LAYERS, HIDDEN, RANK = 6, 384, 8
 MODULES = ("attention.self.query", "attention.self.value")

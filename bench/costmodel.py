@@ -28,15 +28,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "ag_news"
 
-from agents.trainer import train_plan  # noqa: E402
-from testbed.config import DataConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: E402
-from testbed.costmodel import CostModel  # noqa: E402
+from testbed.agent.trainer import train_plan  # noqa: E402
+from testbed.core.config import (DataConfig, LoraConfig,  # noqa: E402
+                                 ModelConfig, TrainConfig)
+from testbed.core.devices import CLASSES, Device  # noqa: E402
+from testbed.core.plan import Plan  # noqa: E402
 from testbed.data import load_splits, tokenize  # noqa: E402
-from testbed.devices import CLASSES, Device  # noqa: E402
-from testbed.memory import MB, measure_activations  # noqa: E402
-from testbed.model import init_lora, load_backbone, model_info  # noqa: E402
-from testbed.plan import Plan  # noqa: E402
-from testbed.profiler import load_profile, profile_device  # noqa: E402
+from testbed.measure.activations import measure_activations
+from testbed.measure.memory import MB
+from testbed.measure.profiler import load_profile, profile_device  # noqa: E402
+from testbed.model.info import model_info
+from testbed.model.load import load_backbone
+from testbed.model.lora import init_lora
+from testbed.server.costmodel import CostModel  # noqa: E402
 
 LORA = LoraConfig(rank=8, alpha=16, targets=["query", "value"])
 REFERENCE = Device("reference", "reference", 1.0, CLASSES["reference"].memory_mb, 1000, 0.2)

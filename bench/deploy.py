@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from launch import lab  # noqa: E402
-from testbed.inventory import load_inventory  # noqa: E402
+from launch.inventory import load_inventory  # noqa: E402
 
 INVENTORY = ROOT / "inventory" / "lab-emulated.yaml"
 CUT = "orin-nano-01"
@@ -102,6 +102,7 @@ def deploy(cfg: Path, out: Path, cut: str | None) -> dict:
 
 def memory(folder: Path, methods: list[str]) -> dict:
     from faults import Deployment, in_lab
+
     from tests.conftest import save_tiny_bert, tiny_config
 
     model = save_tiny_bert(folder / "attention-bert", hidden=64, layers=8, heads=4, intermediate=256, positions=256)

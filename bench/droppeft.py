@@ -21,13 +21,16 @@ import statistics
 from pathlib import Path
 
 import torch
-
 from study import DATA, ROOT, compare, from_study, run, study_sets
-from agents.trainer import train_plan
-from testbed.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+
+from testbed.agent.trainer import train_plan
+from testbed.core.config import (DataConfig, LoraConfig, ModelConfig,
+                                 TrainConfig)
+from testbed.core.plan import Plan
 from testbed.data import load_splits, tokenize
-from testbed.model import init_lora, load_backbone, model_info
-from testbed.plan import Plan
+from testbed.model.info import model_info
+from testbed.model.load import load_backbone
+from testbed.model.lora import init_lora
 
 PS = [0.0, 0.25, 0.5, 0.75, 1.0]
 

@@ -51,9 +51,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMPI_ALLOW
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from launch.mpirun import mpirun_command  # noqa: E402
-from testbed.config import from_dict  # noqa: E402
-from testbed.run import run_inprocess  # noqa: E402
+from launch.cmdline import mpirun_command  # noqa: E402
+from testbed.core.config import from_dict  # noqa: E402
+from testbed.experiments.run import run_inprocess  # noqa: E402
 from tests.conftest import save_tiny_bert, tiny_config  # noqa: E402
 from tests.injection import kill_job, rank_pids, rows, wait_for  # noqa: E402
 from tests.test_lab import NO_LAB  # noqa: E402

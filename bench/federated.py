@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from testbed.config import load_config  # noqa: E402
-from testbed.run import run_inprocess  # noqa: E402
+from testbed.core.config import load_config  # noqa: E402
+from testbed.experiments.run import run_inprocess  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ag_news"
 

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from testbed.core.plan import Job
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
@@ -35,9 +37,10 @@ LLAMA16 = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 1
 def save_llama16(folder: Path) -> str:
     """The random LLaMA-style model as a checkpoint (agents read their layers from one)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (AutoTokenizer, LlamaConfig,
+                              LlamaForSequenceClassification)
 
-    from testbed.model import resolve_model_path
+    from testbed.model.load import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))  # 30522 ids fit the 32000 embeddings
     torch.manual_seed(0)
@@ -51,11 +54,11 @@ def child(model: str, keep: int) -> dict:
     """In a fresh process: an agent whose plan keeps the top `keep` layers, one round of 3 steps."""
     import resource
 
-    from agents.agent import Agent
-    from testbed.config import from_dict
-    from testbed.experiment import setup
-    from testbed.model import get_head, init_lora
-    from testbed.plan import Plan
+    from testbed.agent.agent import Agent
+    from testbed.core.config import from_dict
+    from testbed.core.plan import Plan
+    from testbed.experiments.setup import setup
+    from testbed.model.lora import get_head, init_lora
 
     cfg = from_dict({"seed": 0, "model": {"name": model, "max_length": 64, "threads": 2,
                                           "lora": {"rank": 8, "alpha": 16}},
@@ -65,7 +68,7 @@ def child(model: str, keep: int) -> dict:
     layers = list(range(n - keep, n))
     agent = Agent("reference-0", cfg, exp.bb, exp.data.train, exp.data.shards["reference-0"])
     plan = Plan(ranks=dict.fromkeys(layers, 8), layers=layers, local_steps=3, batch_size=16)
-    update = agent.run(0, plan, init_lora(exp.info, layers, 8, seed=0), get_head(exp.bb))
+    update = agent.run(0, Job(plan, init_lora(exp.info, layers, 8, seed=0), get_head(exp.bb)))
     info = exp.info
     return {"layers": keep, "of": n, "counted_mb": round(update.report.peak_train_mem_mb, 1),
             "round_peak_rss_mb": round(update.report.peak_rss_mb, 1),
@@ -105,9 +108,10 @@ def memory_of(model: str, path: str, fractions: list[float]) -> list[dict]:
 
 def accuracy(quick: bool) -> dict:
     from study import run, study_sets
-    from testbed.config import load_config
-    from testbed.experiment import setup
-    from testbed.plan import Plan
+
+    from testbed.core.config import load_config
+    from testbed.core.plan import Plan
+    from testbed.experiments.setup import setup
 
     sets = study_sets(quick)
     exp = setup(load_config(ROOT / "examples" / "agnews-jetsons.yaml", sets))

@@ -25,13 +25,14 @@ def plain_loop(rounds: int, steps: int) -> dict:
     import resource
 
     import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import (LoraConfig, get_peft_model, get_peft_model_state_dict,
+                      set_peft_model_state_dict)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
-    from testbed.config import DataConfig
+    from testbed.core.config import DataConfig
     from testbed.data import load_splits, partition
-    from testbed.model import resolve_model_path
+    from testbed.model.load import resolve_model_path
 
     torch.set_num_threads(2)
     cfg = DataConfig(source="files", train_file=str(DATA / "train.csv"), test_file=str(DATA / "test.csv"),
@@ -81,8 +82,8 @@ def testbed_run(rounds: int, steps: int, out: str) -> dict:
     import resource
 
     sys.path.insert(0, str(ROOT))
-    from testbed.config import load_config
-    from testbed.run import run_inprocess
+    from testbed.core.config import load_config
+    from testbed.experiments.run import run_inprocess
 
     cfg = load_config(ROOT / "examples" / "agnews.yaml", [
         f"data.train_file={DATA / 'train.csv'}", f"data.test_file={DATA / 'test.csv'}", f"rounds={rounds}",

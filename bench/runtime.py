@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "ag_news"
 
-from launch.mpirun import mpirun_command  # noqa: E402
-from testbed.config import load_config  # noqa: E402
+from launch.cmdline import mpirun_command  # noqa: E402
+from testbed.core.config import load_config  # noqa: E402
 
 
 def lora_and_head_bytes(cfg, hidden: int = 384, labels: int = 4, layers: int = 6) -> int:

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "ag_news"
 
-from testbed.config import load_config  # noqa: E402
-from testbed.run import run_inprocess  # noqa: E402
+from testbed.core.config import load_config  # noqa: E402
+from testbed.experiments.run import run_inprocess  # noqa: E402
 
 
 def study_sets(quick: bool) -> list[str]:

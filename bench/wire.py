@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from testbed.plan import Update  # noqa: E402
-from testbed.wire import Message, pack, unpack, update_message  # noqa: E402
+from testbed.comm.wire import (Message, pack, unpack,  # noqa: E402
+                               update_message)
+from testbed.core.plan import Update  # noqa: E402
 
 KEY = b"k" * 32
 

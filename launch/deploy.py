@@ -35,16 +35,16 @@ from typing import IO, Any, Callable
 import paramiko
 import yaml
 
-from launch.ssh import (HostProblem, KnownHosts, Result, connect, get_tree, makedirs, put_files, run, where,
-                        write_private)
-from testbed.config import ExperimentConfig, load_config, to_dict
-from testbed.errors import TestbedError
-from testbed.inventory import Host, load_inventory
-from testbed.metrics import atomic_write
-from testbed.model import BUNDLED
+from launch.inventory import Host, load_inventory
+from launch.ssh import (HostProblem, KnownHosts, Result, connect, get_tree,
+                        makedirs, put_files, run, where, write_private)
+from testbed.core.config import ExperimentConfig, load_config, to_dict
+from testbed.core.errors import TestbedError
+from testbed.core.files import atomic_write
+from testbed.model.load import BUNDLED
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ("testbed", "agents", "launch", "inventory/profiles")  # what a rank imports or reads
+PROJECT = ("testbed", "launch", "inventory/profiles")  # what a rank imports or reads
 DISTRIBUTION = "fedpeft-testbed"
 # What an agent imports, by module, and the distribution (in setup.cfg) that provides it.
 AGENT_MODULES = {"torch": "torch", "transformers": "transformers", "peft": "peft", "datasets": "datasets",
@@ -392,7 +392,7 @@ def push(s: Session, name: str, raw: dict, files: dict[str, Path], secret: bytes
 MEMORY = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from testbed.memory import memory_limit_mb, oom_kills
+from testbed.measure.memory import memory_limit_mb, oom_kills
 print(json.dumps([oom_kills(), memory_limit_mb()]))
 """
 
@@ -457,7 +457,7 @@ def project_files() -> list[Path]:
 
 def rendezvous_point(cfg: ExperimentConfig, aggregator: Session | None, agents: list[Session]) -> tuple[str, int]:
     """Rank 0's address as the agents reach it, and a free port there."""
-    from launch.mpi import free_port, route_address
+    from launch.net import free_port, route_address
 
     if aggregator is None:
         addr = cfg.dist.master_addr or route_address(agents[0].host.address)

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed.devices import CLASSES
-from testbed.errors import TestbedError
-from testbed.inventory import Host, load_inventory
+from launch.inventory import Host, load_inventory
+from testbed.core.devices import CLASSES
+from testbed.core.errors import TestbedError
 
 CGROUPS = Path("/sys/fs/cgroup")
 # The CFS period.  Short, so that a host with a quarter of a CPU is slow evenly at the scale of

@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import secrets
-import socket
 import sys
 import time
 import traceback
@@ -24,12 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from testbed.aggregator import Aggregator
-from testbed.cli import check_same_experiment
-from testbed.config import ExperimentConfig, load_config
-from testbed.dist import DistTransport, Joined, patience_s
-from testbed.errors import TestbedError
-from testbed.experiment import Experiment, setup
+from launch.net import free_port, interface_address, route_interface
+from testbed.comm.distributed import DistTransport, patience_s
+from testbed.comm.join import Joined
+from testbed.core.config import (ExperimentConfig, check_same_experiment,
+                                 load_config)
+from testbed.core.errors import TestbedError
+from testbed.experiments.setup import setup
+from testbed.server.experiment import Experiment
+from testbed.server.loop import RoundLoop
 
 log = logging.getLogger("testbed.launch")
 
@@ -42,42 +44,6 @@ def world() -> tuple[int, int, str]:
         if rank_var in os.environ and size_var in os.environ:
             return int(os.environ[rank_var]), int(os.environ[size_var]), launcher
     raise TestbedError("launch.mpi: no rank in the environment; start it with mpirun, mpiexec or torchrun")
-
-
-def route_address(host: str) -> str:
-    """This machine's IPv4 address on the route to `host`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, 9))  # a UDP connect sends nothing: it only asks the routing table
-        except OSError as exc:
-            raise TestbedError(f"no route to {host}: {exc.strerror or exc}") from None
-        return s.getsockname()[0]
-
-
-def route_interface(host: str) -> str:
-    """The interface this machine reaches `host` through."""
-    import psutil
-
-    local = route_address(host)
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
-            return name
-    raise TestbedError(f"no interface holds {local}, the address on the route to {host}")
-
-
-def interface_address(ifname: str) -> str:
-    import psutil
-
-    for addr in psutil.net_if_addrs().get(ifname, []):
-        if addr.family == socket.AF_INET:
-            return addr.address
-    raise TestbedError(f"dist.ifname: interface {ifname!r} has no IPv4 address on {socket.gethostname()}")
-
-
-def free_port(addr: str) -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
 
 
 def rendezvous(cfg: ExperimentConfig, rank: int, size: int, launcher: str) -> bytes:
@@ -136,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             run_aggregator(cfg, size - 1, key, args)
         else:
-            from agents.worker import serve
+            from launch.worker import serve
 
             serve(cfg, rank, size - 1, key)
     except TestbedError as exc:
@@ -156,7 +122,7 @@ def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argpars
         if args.resume:  # checked here too for torchrun users; after joining, so that the agents are told bye
             check_same_experiment(cfg, out / "config.yaml")
         use_measured(exp, joined, out / "profiles")
-        Aggregator(exp, transport, out, resume=bool(args.resume)).run()
+        RoundLoop(exp, transport, out, resume=bool(args.resume)).run()
     finally:
         transport.close()
 

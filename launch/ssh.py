@@ -19,7 +19,7 @@ from pathlib import Path
 
 import paramiko
 
-from testbed.inventory import Host
+from launch.inventory import Host
 
 TIMEOUT_S = 15.0  # connecting, the SSH banner, authentication
 

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from testbed.config import ExperimentConfig, difference_but_rounds, load_config
-from testbed.errors import TestbedError
+from testbed.core.config import check_same_experiment, load_config
+from testbed.core.errors import TestbedError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         check_same_experiment(cfg, out / "config.yaml")
         if args.launcher == "mpi":  # refused before mpirun starts, if agents would lack what they held
-            from testbed.dist import check_resumable
-            from testbed.metrics import load_checkpoint
+            from testbed.comm.distributed import check_resumable
+            from testbed.server.recorder import load_checkpoint
 
             check_resumable(load_checkpoint(out)["transport"])
     else:
@@ -113,32 +113,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
     print(f"testbed: run directory {out}", file=sys.stderr)
     if args.launcher == "mpi":
-        from launch.mpirun import mpirun_command
+        from launch.cmdline import mpirun_command
 
         agents = args.agents or sum(d.count for d in cfg.devices.values())
         cmd = mpirun_command(args.config, args.set, out, agents, resume=bool(args.resume))
         print("testbed: " + " ".join(cmd), file=sys.stderr)
         return subprocess.run(cmd).returncode
-    from testbed.run import run_inprocess
+    from testbed.experiments.run import run_inprocess
 
     run_inprocess(cfg, out, args.quiet, resume=bool(args.resume))
     return 0
 
 
-def check_same_experiment(cfg: ExperimentConfig, saved_path: Path) -> None:
-    """A resumed run must be the same experiment; only `rounds` may change (to extend it)."""
-    if not saved_path.is_file():
-        raise TestbedError(f"--resume: {saved_path} not found: not a run directory")
-    if key := difference_but_rounds(cfg, load_config(saved_path)):
-        raise TestbedError(f"--resume: {key} differs from the run's {saved_path} (only rounds may change)")
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from testbed.config import LoraConfig, ModelConfig
-    from testbed.model import load_backbone, model_info
-    from testbed.profiler import profile_device
+    from testbed.core.config import LoraConfig, ModelConfig
+    from testbed.measure.profiler import profile_device
+    from testbed.model.info import model_info
+    from testbed.model.load import load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,8 +153,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from testbed.report import write_report
-    from testbed.study import load_study, run_study
+    from testbed.experiments.report import write_report
+    from testbed.experiments.study import load_study, run_study
 
     study = load_study(args.study, args.set, args.out)
     runs = run_study(study)
@@ -171,7 +164,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from testbed.report import find_runs, write_report
+    from testbed.experiments.report import write_report
+    from testbed.experiments.runs import find_runs
 
     runs = find_runs(args.runs)
     out = Path(args.out) if args.out else Path(os.path.commonpath([Path(r).resolve() for r in args.runs]))
@@ -181,7 +175,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_hostfile(args: argparse.Namespace) -> int:
-    from testbed.inventory import hostfile, load_inventory
+    from launch.inventory import hostfile, load_inventory
 
     print(hostfile(load_inventory(args.inventory)), end="")
     return 0

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from testbed.config import DataConfig
-from testbed.errors import TestbedError
+from testbed.core.config import DataConfig
+from testbed.core.errors import TestbedError
 
 
 @dataclass

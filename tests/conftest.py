@@ -18,9 +18,10 @@ def save_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2
                    positions: int = 128) -> str:
     """A random BERT (by default 2 layers, hidden 32) with the bundled MiniLM tokenizer, saved
     as a local model path."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import (AutoTokenizer, BertConfig,
+                              BertForSequenceClassification)
 
-    from testbed.model import resolve_model_path
+    from testbed.model.load import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
@@ -40,9 +41,10 @@ def tiny_bert(tmp_path_factory) -> str:
 def tiny_llama(tmp_path_factory) -> str:
     """A 16-layer random LLaMA-style model (hidden 256: 4 MB of weights per layer, 60 % of the
     model in its layers) with the bundled tokenizer, saved as a local model path."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (AutoTokenizer, LlamaConfig,
+                              LlamaForSequenceClassification)
 
-    from testbed.model import resolve_model_path
+    from testbed.model.load import resolve_model_path
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))

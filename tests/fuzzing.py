@@ -8,9 +8,9 @@ from pathlib import Path
 import yaml
 from hypothesis import strategies as st
 
-from testbed.config import ExperimentConfig, from_dict, load_config
-from testbed.errors import TestbedError
-from testbed.inventory import load_inventory
+from launch.inventory import load_inventory
+from testbed.core.config import ExperimentConfig, from_dict, load_config
+from testbed.core.errors import TestbedError
 
 KEYS = ["seed", "rounds", "eval_every", "target_accuracy", "clock", "strategy", "model", "data", "devices",
         "train", "wire", "dist", "name", "lora", "rank", "alpha", "targets", "source", "partition", "alpha",

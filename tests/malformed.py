@@ -45,8 +45,8 @@ CASES = [("control", "none"),
 
 
 def plan_and_info():
-    from testbed.model import ModelInfo
-    from testbed.plan import Plan
+    from testbed.core.plan import Plan
+    from testbed.model.info import ModelInfo
 
     info = ModelInfo(num_layers=2, modules={0: ["q"], 1: ["q"]}, shapes=dict(SHAPES), scaling=2.0,
                      layer_params=64, other_params=16)
@@ -58,7 +58,7 @@ def head() -> dict[str, torch.Tensor]:
 
 
 def honest_update(device: str, round: int):
-    from testbed.plan import Update
+    from testbed.core.plan import Update
 
     g = torch.Generator().manual_seed(round)
     lora = {l: {"q.A": torch.randn(PLAN_RANK, 8, generator=g), "q.B": torch.randn(8, PLAN_RANK, generator=g)}
@@ -69,7 +69,7 @@ def honest_update(device: str, round: int):
 
 def reply(case: str, plan_msg, previous: bytes | None) -> bytes | int:
     """The bytes rank 1 sends for `case` (an int: a bare length prefix, with no message after it)."""
-    from testbed.wire import PREFIX, Message, pack, update_message
+    from testbed.comm.wire import PREFIX, Message, pack, update_message
 
     seq, rnd, device = plan_msg.seq, plan_msg.round, plan_msg.device
     u = honest_update(device, rnd)
@@ -148,9 +148,9 @@ def reply(case: str, plan_msg, previous: bytes | None) -> bytes | int:
 
 def receiver() -> None:
     """Rank 0: one DistTransport round per case, then admission; one JSON line per case."""
-    from testbed.checks import admit
-    from testbed.dist import DistTransport
-    from testbed.transport import Job
+    from testbed.comm.distributed import DistTransport
+    from testbed.core.plan import Job
+    from testbed.server.admission import admit
 
     plan, info = plan_and_info()
     for i, (case, stage) in enumerate(CASES):
@@ -164,8 +164,8 @@ def receiver() -> None:
 
 def rogue() -> None:
     """Rank 1: answers each plan with its case's reply."""
-    from testbed.dist import recv_bytes, send_bytes
-    from testbed.wire import unpack
+    from testbed.comm.framing import recv_bytes, send_bytes
+    from testbed.comm.wire import unpack
 
     previous = None
     for case, _ in CASES:

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from testbed.aggregator import make_strategy
-from testbed.config import from_dict
-from testbed.errors import TestbedError
-from testbed.experiment import setup
-from testbed.plan import Plan, Report
-from testbed.run import run_inprocess
+from testbed.core.config import from_dict
+from testbed.core.errors import TestbedError
+from testbed.core.plan import Plan, Report
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.setup import setup
+from testbed.server.loop import make_strategy
 from tests.conftest import tiny_config
 from tests.test_run import strip_wall
 

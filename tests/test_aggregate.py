@@ -4,8 +4,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from testbed.aggregate import Contribution, aggregate, aggregate_layer, average_head
-from testbed import errors
+from testbed.core.errors import TestbedError
+from testbed.server.aggregate import (Contribution, aggregate, aggregate_layer,
+                                      average_head)
 
 OUT, IN = 7, 5  # deliberately not square: catches (in, out) / (out, in) mix-ups
 
@@ -84,7 +85,7 @@ def test_fedavg_is_the_weighted_mean_of_each_factor(gen):
 
 def test_fedavg_rejects_mixed_ranks(gen):
     contribs = [Contribution(1.0, factors(gen, 2)), Contribution(1.0, factors(gen, 4))]
-    with pytest.raises(errors.TestbedError, match="fedavg.*heterogeneous method"):
+    with pytest.raises(TestbedError, match="fedavg.*heterogeneous method"):
         aggregate_layer(factors(gen, 4), contribs, "fedavg")
 
 
@@ -180,7 +181,7 @@ def test_aggregate_rejects_unknown_layers_and_methods(gen):
     current = {0: factors(gen, 4)}
     with pytest.raises(ValueError, match=r"\[3\]"):
         aggregate(current, {3: [Contribution(1.0, factors(gen, 4))]})
-    with pytest.raises(errors.TestbedError, match="'fedprox'"):
+    with pytest.raises(TestbedError, match="'fedprox'"):
         aggregate(current, {}, "fedprox")
 
 

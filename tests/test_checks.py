@@ -4,13 +4,14 @@ import json
 import pytest
 import torch
 
-from testbed.checks import check_update
-from testbed.config import from_dict
-from testbed.experiment import setup
-from testbed.model import get_head, init_lora
-from testbed.plan import LayerProbe, Plan, Update
-from testbed.run import run_inprocess
-from testbed.wire import WireError, pack, read_update, unpack, update_message
+from testbed.comm.wire import (WireError, pack, read_update, unpack,
+                               update_message)
+from testbed.core.config import from_dict
+from testbed.core.plan import LayerProbe, Plan, Update
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.setup import setup
+from testbed.model.lora import get_head, init_lora
+from testbed.server.admission import check_update
 from tests.conftest import tiny_config
 
 PLAN = Plan(ranks={0: 4, 1: 2}, local_steps=3)
@@ -83,12 +84,12 @@ def test_integer_tensors_are_refused_on_the_wire(exp):
 
 def test_a_poisoned_update_is_left_out_and_recorded(tiny_bert, tmp_path, monkeypatch):
     """One device returns NaN factors every round: the run finishes on the others, failures say why."""
-    from agents.agent import Agent
+    from testbed.agent.agent import Agent
 
     honest = Agent.run
 
-    def poisoned(self, round, plan, lora, head):
-        update = honest(self, round, plan, lora, head)
+    def poisoned(self, round, job):
+        update = honest(self, round, job)
         if self.device == "laptop-1":
             for tensors in update.lora.values():
                 for t in tensors.values():

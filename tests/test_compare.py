@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.config import save_config
-from testbed.errors import TestbedError
-from testbed.report import find_runs, load_run, write_report
-from testbed.run import run_inprocess
-from testbed.study import load_study, run_study
+from testbed.core.config import save_config
+from testbed.core.errors import TestbedError
+from testbed.experiments.report import write_report
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.runs import find_runs, load_run
+from testbed.experiments.study import load_study, run_study
 from tests.conftest import ROOT, tiny_config
 from tests.test_run import cli, read_rows, strip_wall
 

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.config import ExperimentConfig, load_config, save_config
-from testbed.errors import TestbedError
+from testbed.core.config import ExperimentConfig, load_config, save_config
+from testbed.core.errors import TestbedError
 
 ROOT = Path(__file__).resolve().parent.parent
 

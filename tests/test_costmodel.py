@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from testbed.config import from_dict
-from testbed.experiment import setup
-from testbed.plan import Plan
-from testbed.run import run_inprocess
+from testbed.core.config import from_dict
+from testbed.core.plan import Plan
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.setup import setup
 from tests.conftest import tiny_config
 
 

@@ -2,9 +2,9 @@ from collections import Counter
 
 import pytest
 
-from testbed.config import DataConfig
+from testbed.core.config import DataConfig
+from testbed.core.errors import TestbedError
 from testbed.data import load_splits, partition, synthetic_topics
-from testbed.errors import TestbedError
 
 
 def test_synthetic_is_seeded_and_balanced():

@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from launch.deploy import named_files, run_config, with_paths
-from testbed.config import from_dict
-from testbed.devices import devices_from_config
-from testbed.errors import TestbedError
-from testbed.inventory import Host
+from launch.inventory import Host
+from testbed.core.config import from_dict
+from testbed.core.devices import devices_from_config
+from testbed.core.errors import TestbedError
 from tests.conftest import ROOT, tiny_config
 from tests.test_run import read_rows, strip_wall
 

@@ -14,14 +14,15 @@ import pytest
 import torch
 import yaml
 
-from launch.mpirun import mpirun_command
-from testbed.aggregator import make_strategy
-from testbed.config import from_dict
-from testbed.experiment import setup
-from testbed.model import load_backbone, model_info
-from testbed.plan import Plan
-from testbed.profiler import load_profile
-from testbed.run import run_inprocess
+from launch.cmdline import mpirun_command
+from testbed.core.config import from_dict
+from testbed.core.plan import Plan
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.setup import setup
+from testbed.measure.profiler import load_profile
+from testbed.model.info import model_info
+from testbed.model.load import load_backbone
+from testbed.server.loop import make_strategy
 from tests.conftest import ROOT, tiny_config
 from tests.injection import rank_pids
 

@@ -5,16 +5,18 @@ import random
 import pytest
 import torch
 
-from agents.trainer import train_plan
-from testbed.aggregator import make_strategy
-from testbed.bandit import Bandit
-from testbed.config import LoraConfig, ModelConfig, TrainConfig, from_dict
+from testbed.agent.trainer import train_plan
+from testbed.core.config import LoraConfig, ModelConfig, TrainConfig, from_dict
+from testbed.core.errors import TestbedError
+from testbed.core.plan import Plan
 from testbed.data import Split, tokenize
-from testbed.errors import TestbedError
-from testbed import experiment
-from testbed.model import init_lora, load_backbone, model_info
-from testbed.plan import Plan
-from testbed.run import run_inprocess
+from testbed.experiments.run import run_inprocess
+from testbed.experiments import setup as experiment_setup
+from testbed.model.info import model_info
+from testbed.model.load import load_backbone
+from testbed.model.lora import init_lora
+from testbed.server.bandit import Bandit
+from testbed.server.loop import make_strategy
 from tests.conftest import save_tiny_bert, tiny_config
 
 
@@ -136,7 +138,7 @@ def test_unknown_arm_shape_is_a_config_error(tiny_bert, tmp_path):
 def test_only_dropout_that_shortens_the_round_is_run(tiny_bert, straggler):
     raw = tiny_config(tiny_bert, **{"strategy.name": "droppeft", "strategy.straggler": straggler,
                                     "train.local_steps": 5000, "devices": {"agx-orin": 1, "jetson-tx2": 1}})
-    exp = experiment.setup(from_dict(raw))
+    exp = experiment_setup.setup(from_dict(raw))
     strategy = make_strategy(exp)
     agx, tx2 = exp.devices["agx-orin-0"], exp.devices["jetson-tx2-0"]
     drops = []

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from launch.mpirun import mpirun_command
-from testbed.config import from_dict
-from testbed.run import run_inprocess
+from launch.cmdline import mpirun_command
+from testbed.core.config import from_dict
+from testbed.experiments.run import run_inprocess
 from tests.conftest import ROOT, tiny_config
 from tests.injection import kill_job, rank_pids, rows, wait_for
 from tests.malformed import CASES, run_corpus

@@ -5,15 +5,16 @@ import json
 import pytest
 import torch
 
-from testbed.aggregator import make_strategy
-from testbed.checks import check_update
-from testbed.config import from_dict
-from testbed.experiment import setup
-from testbed.model import get_head
-from testbed.plan import LayerProbe, Plan, Update
-from testbed.probe import linear_cka
-from testbed.run import run_inprocess
-from testbed.strategies.fedpruner import contiguous_groups, graph_groups, mean_probe
+from testbed.core.config import from_dict
+from testbed.core.plan import LayerProbe, Plan, Update
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.setup import setup
+from testbed.measure.probe import linear_cka
+from testbed.model.lora import get_head
+from testbed.server.admission import check_update
+from testbed.server.loop import make_strategy
+from testbed.server.strategies.fedpruner import (contiguous_groups,
+                                                 graph_groups, mean_probe)
 from tests.conftest import tiny_config
 
 
@@ -115,9 +116,9 @@ def test_fine_plans_keep_blocks_and_layers_are_averaged_where_their_attention_ra
 
 
 def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_path, monkeypatch):
-    import testbed.aggregator
+    import testbed.server.loop
 
-    monkeypatch.setattr(testbed.aggregator, "server_probe", lambda *a: pytest.fail("the server probed"))
+    monkeypatch.setattr(testbed.server.loop, "server_probe", lambda *a: pytest.fail("the server probed"))
     raw = tiny_config(tiny_bert, rounds=3, **{"strategy.name": "fedpruner_fine", "strategy.cka": "device",
                                               "strategy.regroup_every": 2, "strategy.probe_rows": 8})
     cfg = from_dict(raw)

@@ -6,8 +6,8 @@ import sys
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
-from testbed.errors import TestbedError
-from testbed.inventory import expand, hostfile, load_inventory
+from launch.inventory import expand, hostfile, load_inventory
+from testbed.core.errors import TestbedError
 from tests.conftest import ROOT
 from tests.fuzzing import check_inventory, inventory_texts
 

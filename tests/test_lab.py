@@ -13,8 +13,8 @@ import paramiko
 import pytest
 
 from launch import lab
-from testbed.cli import main
-from testbed.errors import TestbedError
+from launch.mpi import main
+from testbed.core.errors import TestbedError
 from tests.conftest import ROOT
 
 

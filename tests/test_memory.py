@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from launch import lab
-from testbed.dist import memory_from_dict
-from testbed.memory import MemoryMeasure
-from testbed.wire import WireError
+from testbed.comm.join import memory_from_dict
+from testbed.comm.wire import WireError
+from testbed.measure.memory import MemoryMeasure
 from tests.conftest import ROOT
 from tests.test_lab import lab_test
 

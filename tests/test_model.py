@@ -2,12 +2,16 @@
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig, GPT2Config,
-                          LlamaConfig, Qwen2Config, RobertaConfig)
+from transformers import (AutoModelForSequenceClassification, BertConfig,
+                          DistilBertConfig, GPT2Config, LlamaConfig,
+                          Qwen2Config, RobertaConfig)
 
-from testbed.config import LoraConfig
-from testbed.model import (get_head, get_lora, init_lora, lora_applied, model_info, running_layers, set_head,
-                           set_lora, wrap_model)
+from testbed.core.config import LoraConfig
+from testbed.model.info import model_info
+from testbed.model.layers import running_layers
+from testbed.model.load import wrap_model
+from testbed.model.lora import (get_head, get_lora, init_lora, lora_applied,
+                                set_head, set_lora)
 
 SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 FAMILIES = {

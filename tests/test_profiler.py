@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from testbed.config import LoraConfig
-from testbed.costmodel import at_rank
-from testbed.errors import TestbedError
-from testbed.model import model_info
-from testbed.profiler import load_profile, profile_device
+from testbed.core.config import LoraConfig
+from testbed.core.errors import TestbedError
+from testbed.measure.profiler import load_profile, profile_device
+from testbed.model.info import model_info
+from testbed.server.costmodel import at_rank
 from tests.test_model import build
 
 
@@ -59,9 +59,9 @@ def test_rank_interpolation():
 
 @pytest.mark.model
 def test_shipped_minilm_profile_is_used_only_where_it_fits():
-    from testbed.config import ModelConfig
-    from testbed.experiment import reference_profile
-    from testbed.model import load_backbone
+    from testbed.core.config import ModelConfig
+    from testbed.experiments.setup import reference_profile
+    from testbed.model.load import load_backbone
 
     cfg = ModelConfig(name="minilm")
     info = model_info(load_backbone(cfg, 4, seed=0))

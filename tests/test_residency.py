@@ -2,12 +2,16 @@
 import pytest
 import torch
 
-from agents.trainer import train_plan
-from testbed.config import LoraConfig, ModelConfig, TrainConfig
+from testbed.agent.trainer import train_plan
+from testbed.core.config import LoraConfig, ModelConfig, TrainConfig
+from testbed.core.plan import Plan
 from testbed.data import Tokens
-from testbed.memory import MB, release_freed, rss_mb
-from testbed.model import hold, init_lora, load_backbone, model_info, running_layers
-from testbed.plan import Plan
+from testbed.measure.memory import MB, rss_mb
+from testbed.model.info import model_info
+from testbed.model.layers import running_layers
+from testbed.model.load import load_backbone
+from testbed.model.lora import init_lora
+from testbed.model.residency import hold, release_freed
 
 
 def resident(bb) -> dict[int, list[str]]:

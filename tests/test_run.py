@@ -9,10 +9,9 @@ import pytest
 import torch
 import yaml
 
-from testbed.config import from_dict, load_config
-from testbed.run import run_inprocess
+from testbed.core.config import from_dict, load_config
+from testbed.experiments.run import run_inprocess
 from tests.conftest import ROOT, tiny_config
-
 
 MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb")  # what the process measured, not what the run computed
 

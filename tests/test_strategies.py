@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from testbed.aggregator import make_strategy
-from testbed.config import from_dict
-from testbed.experiment import setup
-from testbed.plan import Plan
-from testbed.run import run_inprocess
-from testbed.strategies.hetlora import pow2_floor
-from testbed.strategies.legend import rank_distribution
+from testbed.core.config import from_dict
+from testbed.core.plan import Plan
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.setup import setup
+from testbed.server.loop import make_strategy
+from testbed.server.strategies.hetlora import pow2_floor
+from testbed.server.strategies.legend import rank_distribution
 from tests.conftest import tiny_config
 
 
@@ -43,12 +43,13 @@ def test_heterogeneous_ranks_follow_device_speed(tiny_bert, tmp_path, name):
 
 def test_backprop_stops_at_the_lowest_lora_layer(tiny_bert):
     """LEGEND's depth: layers below the lowest LoRA layer store nothing for backward."""
-    from agents.trainer import train_plan
-    from testbed.config import LoraConfig, TrainConfig
+    from testbed.agent.trainer import train_plan
+    from testbed.core.config import LoraConfig, ModelConfig, TrainConfig
+    from testbed.core.plan import Plan
     from testbed.data import Split, tokenize
-    from testbed.model import init_lora, load_backbone, model_info
-    from testbed.config import ModelConfig
-    from testbed.plan import Plan
+    from testbed.model.info import model_info
+    from testbed.model.load import load_backbone
+    from testbed.model.lora import init_lora
 
     bb = load_backbone(ModelConfig(name=tiny_bert, lora=LoraConfig(rank=4, alpha=8)), 4, seed=0)
     info = model_info(bb)

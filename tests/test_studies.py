@@ -9,10 +9,10 @@ import math
 
 import pytest
 
-from testbed.config import load_config
-from testbed.experiment import setup
-from testbed.plan import Plan
-from testbed.run import run_inprocess
+from testbed.core.config import load_config
+from testbed.core.plan import Plan
+from testbed.experiments.run import run_inprocess
+from testbed.experiments.setup import setup
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.model

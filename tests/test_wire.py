@@ -5,11 +5,13 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from testbed.plan import LayerProbe, Plan, Report, Update
-from testbed.wire import (PREFIX, Message, WireError, pack, packed_size, plan_message, read_plan, read_update,
-                          unpack, update_message)
+from testbed.comm.wire import (PREFIX, Message, WireError, pack, packed_size,
+                               plan_message, read_plan, read_update, unpack,
+                               update_message)
+from testbed.core.plan import LayerProbe, Plan, Report, Update
 
 KEY = b"k" * 32
 

@@ -1,0 +1,98 @@
+"""An agent process: serves its devices' plans from rank 0 until told to stop."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from testbed.agent.agent import Agent
+from testbed.comm.distributed import hosts, patience_s
+from testbed.comm.framing import recv_bytes, send_bytes
+from testbed.comm.join import PROBES
+from testbed.comm.wire import (Message, WireError, pack, read_plan, unpack,
+                               update_message)
+from testbed.core.config import ExperimentConfig
+from testbed.core.errors import OutOfMemory, TestbedError
+from testbed.core.plan import Job
+from testbed.experiments.setup import setup
+from testbed.measure.memory import (MB, MemoryMeasure, memory_limit_mb,
+                                    peak_rss_mb, reset_peak_rss, rss_mb)
+from testbed.measure.profiler import profile_device
+from testbed.model.residency import hold
+from testbed.server.experiment import Experiment
+
+log = logging.getLogger("testbed.agent")
+
+
+def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
+    exp = setup(cfg, agent=True)  # layers are read when a plan runs them
+    mine = [d for d, r in hosts(list(exp.devices), agents).items() if r == rank]
+    local = {d: Agent(d, cfg, exp.bb, exp.data.train, exp.data.shards[d], exp.devices[d].memory_mb)
+             for d in mine}
+    log.info("rank %d serves %s", rank, ", ".join(mine) or "no device")
+    join(cfg, exp, key)
+    dtype = getattr(torch, cfg.wire.dtype)
+    last_seq = 0
+    while True:
+        try:
+            msg = unpack(recv_bytes(0, patience_s(cfg)), key)
+        except RuntimeError as exc:  # gloo: the aggregator's connection closed
+            raise TestbedError(f"rank {rank}: lost the aggregator (rank 0): {str(exc).splitlines()[0]}") from None
+        except WireError as exc:
+            log.error("rank %d: dropped a message from the aggregator: %s", rank, exc)
+            continue
+        if msg.kind == "bye":
+            return
+        if msg.seq <= last_seq or msg.device not in local:
+            log.error("rank %d: dropped %s message %d for %r (replayed or not served here)",
+                      rank, msg.kind, msg.seq, msg.device)
+            continue
+        last_seq = msg.seq
+        try:
+            update = local[msg.device].run(msg.round, Job(*read_plan(msg)))
+        except OutOfMemory as exc:
+            failure = Message("failure", msg.round, msg.device, msg.seq, {"kind": "oom", "detail": str(exc)})
+            send_bytes(pack(failure, key), 0)
+            continue
+        send_bytes(pack(update_message(update, msg.seq), key, dtype), 0)
+
+
+def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
+    """Hello with this device's profile and memory, then echo rank 0's link probes."""
+    memory = MemoryMeasure(memory_limit_mb(), rss_mb())
+    profile = None
+    if cfg.dist.profile:
+        start = time.perf_counter()
+        hold(exp.bb, list(range(exp.info.num_layers)))  # the profile times every layer; released after
+        batch = profile_batch(cfg, exp, memory)
+        reset_peak_rss()
+        profile = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, batch, cfg.model.max_length)
+        memory = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=profile.step_footprint_bytes() / MB,
+                                     other_mb=profile.other_bytes / MB)
+        hold(exp.bb, [])
+        log.info("profiled this device in %.1f s (batch %d); memory limit %.0f MB, %.0f MB in use before",
+                 time.perf_counter() - start, batch, memory.limit_mb, memory.base_mb)
+    hello = Message("hello", -1, "", 0, {"profile": None if profile is None else dataclasses.asdict(profile),
+                                         "memory": dataclasses.asdict(memory)})
+    send_bytes(pack(hello, key), 0)
+    for _ in PROBES:  # rank 0 times the links one agent after the other: the first probe may take long
+        send_bytes(recv_bytes(0, patience_s(cfg)), 0)
+
+
+def profile_batch(cfg: ExperimentConfig, exp: Experiment, memory: MemoryMeasure) -> int:
+    """The training batch, halved while its profiled step would not fit this device's memory (a
+    host whose cgroup is tight would be killed profiling the full batch): estimated from one
+    step at batch 2, whose peak RSS and counted footprint give the growth of RSS with the count."""
+    batch = cfg.train.batch_size
+    if batch <= 2:
+        return batch
+    reset_peak_rss()
+    probe = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, 2, cfg.model.max_length, repeats=1)
+    small = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=probe.step_footprint_bytes() / MB,
+                                other_mb=probe.other_bytes / MB)
+    budget = small.budget_mb()
+    while budget is not None and batch > 2 and probe.step_footprint_bytes(batch) / MB > budget:
+        batch //= 2
+    return batch

@@ -1,0 +1,90 @@
+"""The device side: turns a Plan and the LoRA it needs into an Update.
+
+The agent is the same object under every transport; only how its inputs arrive
+and its Update leaves differs.  Before it trains, it makes resident exactly the layers (and
+blocks) its plan runs: on a backbone with a layer store (a dist agent) pruned layers are then
+not in memory at all.  Peak RSS is measured per round.
+"""
+from __future__ import annotations
+
+import random
+import time
+import zlib
+
+from testbed.agent.trainer import train_plan
+from testbed.core.config import ExperimentConfig
+from testbed.core.plan import (HeadState, Job, LayerProbe, LoraState, Plan,
+                               Report, Update)
+from testbed.data import Shard, Tokens
+from testbed.measure.evaluate import evaluate
+from testbed.measure.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
+from testbed.measure.probe import probe_layers
+from testbed.model.backbone import Backbone
+from testbed.model.info import model_info
+from testbed.model.lora import init_lora
+from testbed.model.residency import hold
+
+
+class Agent:
+    def __init__(self, device: str, cfg: ExperimentConfig, bb: Backbone, tokens: Tokens, shard: Shard,
+                 budget_mb: float = 0.0):
+        self.device = device
+        self.budget_mb = budget_mb  # training memory budget; exceeding it fails the round (OutOfMemory)
+        self.cfg = cfg
+        self.bb = bb
+        self.tokens = tokens
+        self.shard = shard
+        self.personal: LoraState = {}  # layers whose LoRA stays here (PTLS)
+
+    def run(self, round: int, job: Job) -> Update:
+        reset_peak_rss()
+        plan, head = job.plan, job.head
+        lora = {**job.lora, **self._personal_layers(plan)}
+        seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
+        probe, probe_s = self._probe(plan, lora, head, seed)
+        hold(self.bb, plan.resident(self.bb.num_layers), plan.blocks)
+        before = self._validate(plan, lora, head)
+        res = train_plan(self.bb, plan, lora, head, self.tokens, self.shard.train,
+                         self.cfg.model.lora, self.cfg.train, seed, self.budget_mb)
+        after = self._validate(plan, res.lora, res.head)
+        shared = set(plan.shared(self.bb.num_layers))
+        self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
+        report = Report(compute_s=probe_s + res.compute_s, step_s=res.step_s,
+                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda_mb(),
+                        val_accuracy_before=before["accuracy"], val_accuracy=after["accuracy"],
+                        val_loss_before=before["loss"], val_loss=after["loss"])
+        return Update(device=self.device, round=round,
+                      lora={l: t for l, t in res.lora.items() if l in shared}, head=res.head,
+                      samples=len(self.shard.train), active_steps=res.active_steps,
+                      steps=plan.local_steps, loss=res.loss, report=report, probe=probe)
+
+    def _probe(self, plan: Plan, lora: LoraState, head: HeadState, seed: int) -> tuple[LayerProbe | None, float]:
+        """When the plan asks: the whole model (every layer resident for the while) probed on
+        rows of this device's own data, with the LoRA the device holds; and the seconds it took."""
+        if not plan.probe_rows:
+            return None, 0.0
+        start = time.perf_counter()
+        rows = random.Random(seed).sample(self.shard.train, min(plan.probe_rows, len(self.shard.train)))
+        hold(self.bb, list(range(self.bb.num_layers)))
+        probe = probe_layers(self.bb, lora, head, self.tokens.take(sorted(rows)), self.cfg.model.lora,
+                             plan.probe_blocks)
+        return probe, time.perf_counter() - start
+
+    def _validate(self, plan: Plan, lora: LoraState, head: HeadState) -> dict[str, float]:
+        """This device's model (its layers and blocks, no dropout) on its own validation split."""
+        if not plan.validate or not self.shard.val:
+            return {"accuracy": 0.0, "loss": 0.0}
+        return evaluate(self.bb, lora, head, self.tokens, self.cfg.model.lora, self.cfg.train.eval_batch_size,
+                        self.shard.val, plan.resident(self.bb.num_layers), plan.blocks)
+
+    def _personal_layers(self, plan: Plan) -> LoraState:
+        """This device's own factors for its personal layers, started like the global ones."""
+        mine = {}
+        for l in plan.personal:
+            if plan.ranks.get(l, 0) <= 0:
+                continue
+            if l not in self.personal:
+                self.personal.update(init_lora(model_info(self.bb), [l], self.cfg.model.lora.rank, self.cfg.seed))
+            r = plan.ranks[l]
+            mine[l] = {n: (t[:r] if n.endswith(".A") else t[:, :r]) for n, t in self.personal[l].items()}
+        return mine

@@ -1,0 +1,283 @@
+"""Experiment configuration: YAML files loaded into validated dataclasses.
+
+Every field is typed; range limits live in the field's metadata.  An unknown key, a
+wrong type or an out-of-range value raises TestbedError naming the file and the
+dotted key, before any work starts.  ``--set a.b=value`` overrides are applied to
+the raw mapping first, so they are validated exactly like the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from testbed.core.errors import TestbedError
+from testbed.core.options import STRATEGY_OPTIONS, StrategyConfig, option
+
+
+@dataclass
+class LoraConfig:
+    rank: int = option(8, lo=1, doc="LoRA rank where a plan does not say otherwise")
+    alpha: float = option(16.0, lo=0, doc="scaling numerator; alpha/rank is kept constant across ranks")
+    dropout: float = option(0.0, lo=0, hi=1)
+    targets: list[str] = option(["auto"], doc="module names inside a layer; 'auto' picks per model family")
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
+    max_length: int = option(64, lo=4, hi=8192)
+    threads: int = option(2, lo=0, doc="torch threads per process; 0 leaves torch's default")
+    profile: str = option("", doc="DeviceProfile the device classes' speeds are relative to; "
+                                  "default: the one shipped for the model, else FLOP counts")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = option("synthetic", choices=("synthetic", "files", "hub"))
+    hub_name: str = option("", doc="dataset name on the hub (source: hub)")
+    train_file: str = option("", doc="CSV/JSON/Parquet file (source: files)")
+    test_file: str = option("", doc="CSV/JSON/Parquet file (source: files)")
+    text_columns: list[str] = option(["text"])
+    label_column: str = option("label")
+    label_offset: int = option(0, doc="subtracted from every label (1 for 1-based labels)")
+    max_train: int = option(0, lo=0, doc="0 = all rows")
+    max_test: int = option(0, lo=0, doc="0 = all rows")
+    partition: str = option("iid", choices=("iid", "dirichlet"))
+    alpha: float = option(0.5, gt=0, doc="Dirichlet concentration (partition: dirichlet)")
+    min_per_client: int = option(8, lo=1)
+    val_fraction: float = option(0.1, lo=0, hi=0.9)
+    synthetic_train: int = option(2000, lo=10)
+    synthetic_test: int = option(400, lo=10)
+    synthetic_classes: int = option(4, lo=2, hi=8)
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = option(10, lo=1)
+    batch_size: int = option(16, lo=1)
+    lr: float = option(5e-4, lo=0)
+    weight_decay: float = option(0.0, lo=0)
+    eval_batch_size: int = option(64, lo=1)
+
+
+@dataclass
+class DeviceSpec:
+    count: int = option(1, lo=1)
+    memory_mb: float = option(0.0, lo=0, doc="training memory budget; 0 = the class default")
+    speed: float = option(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
+    device_class: str = option("", doc="set: the key names one device (a host), of this class")
+
+
+@dataclass
+class WireConfig:
+    dtype: str = option("float32", choices=("float32", "float16", "bfloat16"),
+                      doc="floating-point type LoRA tensors travel in")
+
+
+@dataclass
+class DistConfig:
+    backend: str = option("gloo", choices=("gloo", "nccl"))
+    deadline_s: float = option(600.0, gt=0, doc="a device that has not answered by then is left out of the round")
+    ifname: str = option("", doc="network interface for torch.distributed (sets GLOO_SOCKET_IFNAME)")
+    master_addr: str = option("", doc="rendezvous address of rank 0; default: its address on ifname, or loopback")
+    master_port: int = option(0, lo=0, hi=65535, doc="0 = a free port chosen by rank 0")
+    threads: int = option(1, lo=0, doc="torch threads per rank (ranks usually share cores)")
+    profile: bool = option(True, doc="each agent profiles its device when it joins (about 8 s for MiniLM)")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = option(0)
+    rounds: int = option(5, lo=1)
+    eval_every: int = option(1, lo=1)
+    target_accuracy: float = option(0.8, lo=0, hi=1)
+    clock: str = option("modelled", choices=("modelled", "wall"))
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    devices: dict[str, DeviceSpec] = field(default_factory=lambda: {"reference": DeviceSpec(count=4)})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    raw = read_mapping(path, "config")
+    for item in overrides:
+        apply_override(raw, item, path)
+    return from_dict(raw, str(path))
+
+
+def read_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping (`what` names the kind of file in errors)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise TestbedError(f"{path}: {what} file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TestbedError(f"{path}: cannot read {what}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TestbedError(f"{path}: not valid YAML{where}: {problem}") from None
+    except ValueError as exc:  # PyYAML's own number parsing, e.g. of `0b_`
+        raise TestbedError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise TestbedError(f"{path}: expected a mapping of keys at the top level")
+    return raw
+
+
+def from_dict(raw: dict, source: str = "<config>") -> ExperimentConfig:
+    """Validate a raw mapping; the strategy's section against that strategy's own options."""
+    rest = {k: v for k, v in raw.items() if k != "strategy"}
+    strategy = raw.get("strategy") or {}
+    cfg = _build(ExperimentConfig, rest, "", source)
+    name = strategy.get("name", StrategyConfig.name) if isinstance(strategy, dict) else StrategyConfig.name
+    if not isinstance(name, str):
+        raise TestbedError(f"{source}: strategy.name: expected str, got {name!r}")
+    cfg.strategy = _build(_strategy_options(name, source), strategy, "strategy", source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _strategy_options(name: str, source: str) -> type:
+    if name not in STRATEGY_OPTIONS:
+        raise TestbedError(f"{source}: strategy.name: unknown strategy {name!r} "
+                           f"(known: {', '.join(sorted(STRATEGY_OPTIONS))})")
+    return STRATEGY_OPTIONS[name]
+
+
+def apply_override(raw: dict, item: str, source: str | Path) -> None:
+    """Apply one `--set KEY=VALUE` (VALUE read as YAML) to a raw config mapping."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise TestbedError(f"--set {item!r}: expected KEY=VALUE, for example train.lr=1e-3")
+    try:
+        parsed = yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError):  # ValueError: PyYAML's number parsing, e.g. of `0b_`
+        parsed = value
+    set_dotted(raw, key, parsed, f"--set {item!r}", source)
+
+
+def set_dotted(raw: dict, key: str, value: Any, what: str, source: str | Path) -> None:
+    """raw[a][b][c] = value for key 'a.b.c', creating the mappings on the way."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TestbedError(f"{what}: {part} is not a mapping in {source}")
+    node[parts[-1]] = value
+
+
+def first_difference(a: object, b: object, path: str = "") -> str | None:
+    """The first dotted key at which two nested mappings differ (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if found := first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k)):
+                return found
+        return None
+    return None if a == b else path
+
+
+def difference_but_rounds(cfg: ExperimentConfig, saved: ExperimentConfig) -> str | None:
+    """Where a run's saved config differs from cfg in anything but `rounds` (which a resume may extend)."""
+    a, b = to_dict(saved), to_dict(cfg)
+    a["rounds"] = b["rounds"]
+    return first_difference(a, b)
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TestbedError(f"{source}: {prefix or 'top level'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise TestbedError(f"{source}: {_dot(prefix, str(key))}: unknown key "
+                               f"(known: {', '.join(known)})")
+    values = {}
+    for name, f in known.items():
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], _dot(prefix, name), source, f.metadata)
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str, source: str, meta: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if tp is DeviceSpec and isinstance(value, int) and not isinstance(value, bool):
+            value = {"count": value}  # `jetson-tx2: 4` is short for `{count: 4}`
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        return _convert(next(a for a in typing.get_args(tp) if a is not type(None)), value, key, source, meta)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise TestbedError(f"{source}: {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}[{i}]", source, {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TestbedError(f"{source}: {key}: expected a mapping, got {value!r}")
+        ktp, vtp = typing.get_args(tp)
+        return {_convert(ktp, k, key, source, {}): _convert(vtp, v, f"{key}.{k}", source, {})
+                for k, v in value.items()}
+    return _check_scalar(tp, value, key, source, meta or {})
+
+
+def _check_scalar(tp: type, value: Any, key: str, source: str, meta: Any) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML reads 5e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
+        raise TestbedError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise TestbedError(f"{source}: {key}: {value!r} is not a finite number")
+    lo, hi, gt, choices = meta.get("lo"), meta.get("hi"), meta.get("gt"), meta.get("choices")
+    if gt is not None and value <= gt:
+        raise TestbedError(f"{source}: {key}: {value!r} must be greater than {gt}")
+    if lo is not None and value < lo:
+        raise TestbedError(f"{source}: {key}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise TestbedError(f"{source}: {key}: {value!r} is above the maximum {hi}")
+    if choices and value not in choices:
+        raise TestbedError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _dot(prefix: str, name: str) -> str:
+    name = name if name.isprintable() else repr(name)  # an error stays one readable line
+    return f"{prefix}.{name}" if prefix else name
+
+
+def check_same_experiment(cfg: ExperimentConfig, saved_path: Path) -> None:
+    """A resumed run must be the same experiment; only `rounds` may change (to extend it)."""
+    if not saved_path.is_file():
+        raise TestbedError(f"--resume: {saved_path} not found: not a run directory")
+    if key := difference_but_rounds(cfg, load_config(saved_path)):
+        raise TestbedError(f"--resume: {key} differs from the run's {saved_path} (only rounds may change)")

@@ -1,0 +1,104 @@
+"""Strategy options as data: the `option` field helper, the options every strategy has, and each
+strategy's own, by strategy name.  The strategies' code lives in `testbed.server.strategies`;
+config parsing needs only these dataclasses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def option(default: Any, *, lo: float | None = None, hi: float | None = None, gt: float | None = None,
+         choices: tuple | None = None, doc: str = "") -> Any:
+    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+@dataclass
+class StrategyConfig:
+    """Options every strategy has; a strategy subclasses this with its own."""
+
+    name: str = option("fedlora")
+    clients_per_round: int = option(0, lo=0, doc="devices sampled per round; 0 = all")
+    validate: bool = option(False, doc="each device evaluates its model on its own validation split before and "
+                                       "after training (personal_accuracy); droppeft always does (its reward)")
+
+@dataclass
+class HetRankOptions(StrategyConfig):
+    max_rank: int = option(0, lo=0, doc="rank of the fastest device; 0 = model.lora.rank")
+    min_rank: int = option(2, lo=1)
+    ranks: dict[str, int] = option({}, doc="fixed rank per device class, overriding the speed rule")
+
+@dataclass
+class LegendOptions(StrategyConfig):
+    max_rank: int = option(0, lo=0, doc="rank of the top layer; 0 = model.lora.rank")
+    min_rank: int = option(2, lo=1, doc="rank of the lowest LoRA layer at full ramp")
+    min_depth: int = option(1, lo=1)
+    rank_profile: str = option("ramp", choices=("ramp", "uniform"),
+                               doc="ramp: ranks may rise toward the output (from min_rank); uniform: one rank per plan")
+    deadline_device: str = option("median", doc="median, fastest, slowest, or a device class name")
+    deadline_factor: float = option(1.0, gt=0, doc="scales the reference device's predicted round time")
+    aggregation: str = option("pad", choices=("pad", "hetlora", "flexlora"))
+    below: str = option("frozen", choices=("frozen", "none"),
+                        doc="layers under the depth: run the global LoRA frozen (sent down, not trained), "
+                            "or run without LoRA (the device's model then differs from the global one)")
+
+@dataclass
+class AdaptiveOptions(LegendOptions):
+    drops: list[float] = option([0.0, 0.1, 0.2], doc="layer dropout levels a device may use to meet the deadline")
+    drop_on: str = option("frozen", choices=("frozen", "all"),
+                          doc="layers dropout may skip: those below the device's depth (forward only), or all it runs")
+    factors: list[float] = option([1.0, 0.9], doc="the bandit's arms: factors on LEGEND's deadline")
+    full_arm: bool = option(True, doc="one more arm: FedLoRA's round, the slowest device's baseline round")
+    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
+    epsilon: float = option(0.1, lo=0, hi=1)
+    reward: str = option("accuracy", choices=("accuracy", "loss"),
+                         doc="progress of the global model on the devices' validation splits")
+    relax: float = option(0.25, lo=0, hi=1, doc="once a round's validation gain falls below this fraction of the "
+                                               "largest so far (itself at least this fraction of the headroom), "
+                                               "every deadline is the slowest device's baseline round (0: never)")
+
+@dataclass
+class DropPEFTOptions(StrategyConfig):
+    shapes: list[str] = option(["uniform", "rising"], doc="uniform: p everywhere; rising: p_l = p_max (l+1)/L; "
+                                                          "falling: p_l = p_max (L-l)/L")
+    maxima: list[float] = option([0.0, 0.2, 0.4, 0.6], doc="the p (or p_max) of each arm")
+    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
+    epsilon: float = option(0.1, lo=0, hi=1)
+    bandit_per: str = option("device", choices=("device", "class"))
+    reward: str = option("accuracy", choices=("accuracy", "loss"))
+    reward_baseline: str = option("round_mean", choices=("round_mean", "none"),
+                                  doc="subtract the round's mean reward across devices: early rounds gain "
+                                      "more whatever the arm, and would otherwise decide the bandit")
+    straggler: str = option("clamp", choices=("clamp", "none"),
+                            doc="clamp: a device runs the least dropout that finishes within the slowest "
+                                "predicted round among the chosen arms; none: every device runs its arm")
+    reward_time: str = option("round", choices=("round", "device"),
+                              doc="the seconds a reward is divided by: the round's (its slowest device) "
+                                  "or the device's own")
+    personal_k: int = option(0, lo=0, doc="layers whose LoRA stays on the devices (PTLS); 0 = none: the global "
+                                        "model, which accuracy is measured on, then holds every layer's LoRA")
+    personal_by: str = option("top", choices=("top", "drift"))
+    drift_rounds: int = option(1, lo=1, doc="rounds with every layer shared before drift picks the personal ones")
+
+@dataclass
+class FedPrunerOptions(StrategyConfig):
+    grouping: str = option("contiguous", choices=("contiguous", "graph"))
+    importance: str = option("loss", choices=("loss", "cosine"))
+    selection: str = option("importance", choices=("importance", "sampled", "random"))
+    regroup_every: int = option(1, lo=1, doc="rounds between probes")
+    probe_rows: int = option(32, lo=2, doc="rows of the batch the model is probed with")
+    cka: str = option("server", choices=("server", "device"),
+                      doc="who probes: the server on a proxy batch, or the devices on their own data")
+
+# The options of each strategy, by the name configs use (`strategy.name`).
+STRATEGY_OPTIONS: dict[str, type[StrategyConfig]] = {
+    "fedlora": StrategyConfig,
+    "hetlora": HetRankOptions,
+    "flexlora": HetRankOptions,
+    "legend": LegendOptions,
+    "droppeft": DropPEFTOptions,
+    "fedpruner": FedPrunerOptions,
+    "fedpruner_fine": FedPrunerOptions,
+    "adaptive": AdaptiveOptions,
+}

@@ -1,7 +1,0 @@
-"""User-facing errors: the CLI prints these as one line, without a traceback."""
-
-
-class TestbedError(Exception):
-    """A problem with the user's input or environment, explained in one line."""
-
-    __test__ = False  # not a pytest test class, despite the name

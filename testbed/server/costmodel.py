@@ -1,0 +1,160 @@
+"""CostModel: predicted seconds, memory and bytes of a Plan on a Device.
+
+Strategies reason about devices only through this.
+- Bytes: what the wire sends for the plan's messages, computed from their layout (the LoRA
+  slices the plan shares, the head, the header), exact up to a few header bytes.
+- Memory: resident parameters (the plan's layers plus embeddings and head), LoRA weights with
+  their gradients and AdamW state, and the activations saved for backward by the layers at
+  or above the lowest LoRA layer (below it nothing is saved).  Saved bytes per token are
+  counted once per run on the real model (`measure_activations`), so the figure is exact for
+  the run's sequence length; memory is the worst case over dropout (every layer runs, or
+  under `max_active` the layers that save the most).
+- Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
+  FLOPs where no profile fits the model): forward of every layer that runs (with LoRA at the
+  plan's rank, or without LoRA), backward only at or above the lowest trained LoRA layer, each weighted by
+  the probability the layer runs, scaled linearly in tokens per step and divided by the
+  device's speed factor relative to the profiled device.
+- Blocks: a layer running only its attention or only its FFN holds that block's parameters
+  and saves that block's activations (both counted on the real model); its seconds are the
+  layer's times the block's share of the layer's FLOPs (2 x parameters per token, plus the
+  attention scores' 4 x length x hidden for the attention block).
+- A device-side probe (plan.probe_rows) runs the whole model forward once, then once per unit
+  with that unit skipped, on the probe rows: charged at the profile's frozen forward times.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from testbed.comm.wire import packed_size, plan_message, update_message
+from testbed.core.devices import Device
+from testbed.core.plan import (BOTH, HeadState, LayerProbe, LoraState, Plan,
+                               Update)
+from testbed.measure.activations import Activations
+from testbed.measure.profiler import DeviceProfile
+from testbed.model.info import ModelInfo
+
+FLOAT_BYTES = 4
+REFERENCE_GFLOPS = 106.0  # MiniLM training on the reference (2 threads): 44.7 GFLOP per 0.42 s step
+
+
+def at_rank(by_rank: dict[int, list[float]], rank: int, layer: int) -> float:
+    """A layer's measured seconds at `rank`, interpolated linearly between measured ranks."""
+    ranks = sorted(by_rank)
+    if rank <= ranks[0] or len(ranks) == 1:
+        return by_rank[ranks[0]][layer]
+    for lo, hi in zip(ranks, ranks[1:]):
+        if rank <= hi:
+            w = (rank - lo) / (hi - lo)
+            return (1 - w) * by_rank[lo][layer] + w * by_rank[hi][layer]
+    return by_rank[ranks[-1]][layer]
+LENGTH_PREFIX = 8  # what a stream transport adds in front of each message
+
+
+@dataclass
+class CostModel:
+    info: ModelInfo
+    seq_len: int
+    activations: Activations
+    head_shapes: dict[str, tuple[int, ...]]
+    profile: DeviceProfile
+    wire_dtype: torch.dtype = torch.float32
+
+    def step_seconds(self, device: Device, plan: Plan) -> float:
+        p, n = self.profile, self.info.num_layers
+        lowest = min(plan.trained(n), default=n)
+        seconds = p.embed_s + p.head_s
+        running = plan.running(n)
+        for layer in plan.resident(n):
+            rank = plan.ranks.get(layer, 0)
+            forward = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
+            backward = at_rank(p.backward_s, max(rank, 1), layer) if layer >= lowest else 0.0
+            seconds += running[layer] * (forward + backward) * self.block_share(plan.block(layer))
+        tokens = plan.batch_size * self.seq_len / (p.batch_size * p.seq_len)
+        return seconds * tokens / device.speed
+
+    def block_share(self, block: str) -> float:
+        """The fraction of a layer's FLOPs in `block` (1 for both)."""
+        if block == BOTH:
+            return 1.0
+        hidden = max(i for _, i in self.info.shapes.values())
+        flops = {b: 2 * n for b, n in self.info.block_params.items()}
+        flops["attn"] += 4 * self.seq_len * hidden
+        return flops[block] / sum(flops.values())
+
+    def probe_seconds(self, device: Device, plan: Plan) -> float:
+        """The device-side probe the plan asks for (0 if none)."""
+        if not plan.probe_rows:
+            return 0.0
+        p, n = self.profile, self.info.num_layers
+        passes = 1 + n * (2 if plan.probe_blocks else 1)
+        tokens = plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len)
+        return passes * (p.embed_s + sum(p.forward_frozen_s)) * tokens / device.speed
+
+    def lora_params(self, plan: Plan, layers: list[int]) -> int:
+        per_rank = sum(o + i for o, i in self.info.shapes.values())
+        return sum(plan.ranks.get(l, 0) * per_rank for l in layers)
+
+    def shapes(self, plan: Plan, layers: list[int]) -> tuple[LoraState, HeadState]:
+        """Stand-in tensors (no data) of the plan's LoRA slices of these layers, and of the head."""
+        lora = {}
+        for l in layers:
+            r = plan.ranks[l]
+            lora[l] = {}
+            for m, (out_f, in_f) in self.info.shapes.items():
+                lora[l][f"{m}.A"] = torch.empty(r, in_f, device="meta")
+                lora[l][f"{m}.B"] = torch.empty(out_f, r, device="meta")
+        return lora, {n: torch.empty(s, device="meta") for n, s in self.head_shapes.items()}
+
+    def bytes_down(self, plan: Plan) -> int:
+        lora, head = self.shapes(plan, plan.downlink(self.info.num_layers))
+        return LENGTH_PREFIX + packed_size(plan_message(0, "device", 0, plan, lora, head), self.wire_dtype)
+
+    def bytes_up(self, plan: Plan) -> int:
+        """The update of a plan (its measured loss and step counts change the header by a few bytes)."""
+        n = self.info.num_layers
+        lora, head = self.shapes(plan, plan.shared(n))
+        units = n * (2 if plan.probe_blocks else 1)
+        probe = LayerProbe([[0.0] * units] * units, {"loss": [0.0] * units, "cosine": [0.0] * units},
+                           plan.probe_blocks) if plan.probe_rows else None
+        update = Update("device", 0, lora, head, samples=1000, active_steps=dict.fromkeys(plan.resident(n), 10),
+                        steps=plan.local_steps, loss=1.2345678901234567, probe=probe)
+        return LENGTH_PREFIX + packed_size(update_message(update, 0), self.wire_dtype)
+
+    def peak_memory_bytes(self, device: Device, plan: Plan) -> int:
+        n, act = self.info.num_layers, self.activations
+        params = {BOTH: self.info.layer_params, **self.info.block_params}
+        per_layer = {BOTH: act.per_layer, **act.per_block}
+        resident = sum(params[plan.block(l)] for l in plan.resident(n)) + self.info.other_params
+        lora = self.lora_params(plan, plan.trained(n))
+        frozen = self.lora_params(plan, [l for l in plan.adapted(n) if l in plan.frozen])
+        lowest = min(plan.trained(n), default=n)
+        tokens = plan.batch_size * self.seq_len
+        saving = sorted((per_layer[plan.block(l)] for l in plan.resident(n) if l >= lowest), reverse=True)
+        saved = tokens * (act.fixed + sum(saving[: plan.max_active or None]))  # the worst step under the cap
+        head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
+        return int((resident + 4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
+
+    def fits(self, device: Device, plan: Plan) -> bool:
+        return self.peak_memory_bytes(device, plan) <= device.memory_mb * 1024 * 1024
+
+    def within_memory(self, device: Device, plan: Plan) -> Plan | None:
+        """`plan` if it fits; else `plan` with the largest cap on the layers a step runs that fits
+        (layer dropout whose every step fits, not only the average one); None if one layer does not."""
+        if self.fits(device, plan):
+            return plan
+        for k in range(len(plan.resident(self.info.num_layers)) - 1, 0, -1):
+            capped = dataclasses.replace(plan, max_active=k)
+            if self.fits(device, capped):
+                return capped
+        return None
+
+    def transfer_seconds(self, device: Device, nbytes: int) -> float:
+        return device.latency_ms / 1000 + nbytes * 8 / (device.bandwidth_mbit * 1e6)
+
+    def round_seconds(self, device: Device, plan: Plan) -> float:
+        return (plan.local_steps * self.step_seconds(device, plan) + self.probe_seconds(device, plan)
+                + self.transfer_seconds(device, self.bytes_down(plan))
+                + self.transfer_seconds(device, self.bytes_up(plan)))

@@ -1,0 +1,148 @@
+"""FedPruner: functionality-driven grouping and memory-budget submodels, by layer or by block.
+
+Reconstructed from arXiv 2508.17209; every guess is an option.  Units are the transformer
+layers (`fedpruner`) or each layer's attention block and FFN block (`fedpruner_fine`: a kept
+layer may run only one of them).  Every `regroup_every` rounds the units are probed: by the
+server on a small proxy batch of the global model (`cka: server`: spares small devices a
+full-model pass), or by the devices on rows of their own data, sent with their updates and
+averaged by samples (`cka: device`: used from the next round; before any arrives, the kept
+units are drawn at random).  For each device, K = the
+most units whose selected submodel the cost model says fits its memory budget; the units are
+partitioned into K groups by the linear CKA of their outputs (contiguous segments cut where
+adjacent units are least alike, or agglomerative graph clustering), and one unit per group
+is kept, the most important (loss increase when skipped, or 1 - cosine of input and output),
+or one sampled in proportion to importance.  `selection: random` keeps K random units (a
+baseline).  A layer carries LoRA when the blocks it runs hold all of its LoRA modules (so
+with query/value targets, an FFN-only layer runs frozen and its LoRA never travels).  The
+device holds and trains only its kept units; each original layer is averaged over the
+devices that trained it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from testbed.core.errors import TestbedError
+from testbed.core.plan import BOTH, LayerProbe, Plan, Update
+from testbed.measure.probe import units
+from testbed.server.aggregate import aggregate, average_head
+from testbed.server.strategies.base import Strategy
+from testbed.server.strategies.fedlora import contributions
+
+Unit = tuple[int, str]  # (layer, "both" | "attn" | "ffn")
+
+
+def contiguous_groups(cka: list[list[float]], k: int) -> list[list[int]]:
+    """K contiguous segments, cut at the K-1 boundaries where adjacent units are least alike."""
+    n = len(cka)
+    cuts = sorted(sorted(range(n - 1), key=lambda l: (cka[l][l + 1], l))[: k - 1])
+    groups, start = [], 0
+    for c in cuts:
+        groups.append(list(range(start, c + 1)))
+        start = c + 1
+    groups.append(list(range(start, n)))
+    return groups
+
+
+def graph_groups(cka: list[list[float]], k: int) -> list[list[int]]:
+    """Agglomerative clustering of the CKA similarity graph (average linkage) into K groups."""
+    groups = [[l] for l in range(len(cka))]
+    while len(groups) > k:
+        pairs = [(i, j) for i in range(len(groups)) for j in range(i + 1, len(groups))]
+        i, j = max(pairs, key=lambda p: sum(cka[a][b] for a in groups[p[0]] for b in groups[p[1]])
+                   / (len(groups[p[0]]) * len(groups[p[1]])))
+        groups[i] = sorted(groups[i] + groups.pop(j))
+    return sorted(groups)
+
+
+def mean_probe(probes: list[tuple[float, LayerProbe]]) -> LayerProbe:
+    """The weighted mean of the devices' probes, entry by entry."""
+    total = sum(w for w, _ in probes)
+    first = probes[0][1]
+    n = len(first.cka)
+    cka = [[sum(w * p.cka[i][j] for w, p in probes) / total for j in range(n)] for i in range(n)]
+    importance = {k: [sum(w * p.importance[k][i] for w, p in probes) / total for i in range(n)]
+                  for k in first.importance}
+    return LayerProbe(cka, importance, first.blocks)
+
+
+class FedPruner(Strategy):
+    name = "fedpruner"
+    fine = False  # units are layers; fedpruner_fine: attention and FFN blocks
+
+    def __init__(self, ctx, state):
+        super().__init__(ctx, state)
+        if self.fine and not ctx.model.block_params:
+            raise TestbedError(f"strategy.name: {self.name} needs a model whose attention and FFN blocks are "
+                               "known (BERT, RoBERTa, LLaMA, Qwen2, Mistral)")
+        self.rng = random.Random(ctx.cfg.seed)
+        self.probe: LayerProbe | None = None
+        self.units = units(ctx.model.num_layers, self.fine)
+
+    def submodel(self, device: str) -> Plan:
+        """The plan keeping the most units whose selected submodel fits the device (at least one)."""
+        dev = self.ctx.devices[device]
+        for k in range(len(self.units), 1, -1):
+            rng_state = self.rng.getstate()
+            plan = self.plan_of(self.choose(k))
+            if self.ctx.cost.fits(dev, plan):
+                return plan
+            self.rng.setstate(rng_state)  # a submodel that does not fit draws nothing
+        return self.plan_of(self.choose(1))
+
+    def choose(self, k: int) -> list[Unit]:
+        n = len(self.units)
+        if k >= n:
+            return list(self.units)
+        if self.opts.selection == "random" or self.probe is None:  # None: no device has probed yet
+            return [self.units[u] for u in sorted(self.rng.sample(range(n), k))]
+        split = contiguous_groups if self.opts.grouping == "contiguous" else graph_groups
+        score = self.probe.importance[self.opts.importance]
+        kept = []
+        for group in split(self.probe.cka, k):
+            if self.opts.selection == "sampled" and sum(score[u] for u in group) > 0:
+                kept.append(self.rng.choices(group, weights=[score[u] for u in group])[0])
+            else:
+                kept.append(max(group, key=lambda u: (score[u], -u)))
+        return [self.units[u] for u in sorted(kept)]
+
+    def plan_of(self, kept: list[Unit]) -> Plan:
+        """Kept units as a plan: a layer with one kept block runs only it; LoRA where its modules run."""
+        runs: dict[int, set[str]] = {}
+        for layer, block in kept:
+            runs.setdefault(layer, set()).add(block)
+        blocks = {l: b.pop() for l, b in runs.items() if len(b) == 1 and BOTH not in b}
+        modules = self.ctx.model.module_blocks
+        rank = self.ctx.cfg.model.lora.rank
+        ranks = {l: rank for l in runs if l not in blocks or all(b == blocks[l] for b in modules.values())}
+        return self.base_plan(ranks, layers=sorted(runs), blocks=blocks)
+
+    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+        probing = self.opts.selection != "random" and (round % self.opts.regroup_every == 0)
+        if self.opts.cka == "server" and (probing or (self.probe is None and self.opts.selection != "random")):
+            self.probe = self.ctx.probe(self.state, self.opts.probe_rows, self.fine)
+        plans = {}
+        for device in self.sample(round, available):
+            plans[device] = self.submodel(device)
+            if probing and self.opts.cka == "device":
+                plans[device] = dataclasses.replace(plans[device], probe_rows=self.opts.probe_rows,
+                                                    probe_blocks=self.fine)
+        return plans
+
+    def aggregate(self, round: int, updates: list[Update]) -> None:
+        self.state.lora = aggregate(self.state.lora, contributions(updates), "fedavg")
+        self.state.head = average_head([(u.samples, u.head) for u in updates])
+        if probes := [(u.samples, u.probe) for u in updates if u.probe is not None]:
+            self.probe = mean_probe(probes)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "probe": None if self.probe is None else dataclasses.asdict(self.probe)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.probe = None if state["probe"] is None else LayerProbe(**state["probe"])
+
+
+class FedPrunerFine(FedPruner):
+    name = "fedpruner_fine"
+    fine = True
