@@ -50,10 +50,8 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{path}: relative import; the project imports by absolute names"
             base = node.module or ""
-            if node.level:  # relative: resolve against this module's package
-                pkg = name.split(".")[: -node.level] if not path.name == "__init__.py" else name.split(".")[: len(name.split(".")) - node.level + 1]
-                base = ".".join(pkg + ([base] if base else []))
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue

@@ -4,17 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Modules inside a layer that carry LoRA when the config says `targets: auto`.
-AUTO_TARGETS = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "opt": ["q_proj", "v_proj"],
-}
+# LoRA targets for `targets: auto` where peft's own table lacks the family.
+EXTRA_TARGETS = {"distilbert": ["q_lin", "v_lin"], "phi3": ["qkv_proj"]}
+
+
+def default_targets(model_type: str) -> list[str] | None:
+    """Modules inside a layer that carry LoRA when the config says `targets: auto`: peft's
+    default for the family (what `LoraConfig` would pick), else ours, else None."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    targets = PEFT_TARGETS.get(model_type) or EXTRA_TARGETS.get(model_type)
+    return list(targets) if targets else None
+
 
 # Per family: a layer's attention and FFN blocks, as its child modules, each with the stand-in
 # that replaces it when its block is skipped (see `_Skip`).

