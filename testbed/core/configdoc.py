@@ -33,9 +33,9 @@ INTRO = f"""\
 
 Experiments are YAML files (see `examples/`). Every key is checked before any work starts: an
 unknown key, a wrong type or an out-of-range value stops the run with an error naming the file
-and the dotted key. `--set KEY=VALUE` (on `testbed run`, `compare` and `deploy`) sets any key
-by its dotted name, the value read as YAML, and is checked the same way. A strategy's own
-options sit in the `strategy` section beside `name`, e.g.
+and the dotted key. The top-level keys are stable. `--set KEY=VALUE` (on `testbed run`,
+`compare` and `deploy`) sets any key by its dotted name, the value read as YAML, and is checked
+the same way. A strategy's own options sit in the `strategy` section beside `name`, e.g.
 `strategy: {{name: legend, max_rank: 16}}` or `--set strategy.max_rank=16`.
 """
 
