@@ -9,6 +9,7 @@ from pathlib import Path
 
 from testbed.core import configdoc
 
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = ["config", "cli", "strategies", "distributed", "deployment", "lab", "security", "reliability",

@@ -22,6 +22,7 @@ from testbed.core.config import DeviceSpec, ExperimentConfig
 from testbed.core.devices import CLASSES, DeviceClass
 from testbed.core.options import STRATEGY_OPTIONS, StrategyConfig
 
+
 COMMAND = "python -m testbed.core.configdoc"
 OUT = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
