@@ -23,16 +23,22 @@ from testbed.core.options import STRATEGY_OPTIONS, StrategyConfig, option
 
 @dataclass
 class LoraConfig:
+    """The LoRA adapters.  `alpha / rank` is the scaling every device uses: a layer
+    trained at another rank gets its alpha scaled with the rank, so a device's update is always
+    `s * B @ A` with the same `s`."""
+
     rank: int = option(8, lo=1, doc="LoRA rank where a plan does not say otherwise")
     alpha: float = option(16.0, lo=0, doc="scaling numerator; alpha/rank is kept constant across ranks")
-    dropout: float = option(0.0, lo=0, hi=1)
+    dropout: float = option(0.0, lo=0, hi=1, doc="dropout on the input of the LoRA branch (peft's lora_dropout)")
     targets: list[str] = option(["auto"], doc="module names inside a layer; 'auto' picks per model family")
 
 
 @dataclass
 class ModelConfig:
+    """The pretrained model LoRA is added to, and how its inputs are cut."""
+
     name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
-    max_length: int = option(64, lo=4, hi=8192)
+    max_length: int = option(64, lo=4, hi=8192, doc="tokens per example: longer texts are truncated, shorter padded")
     threads: int = option(2, lo=0, doc="torch threads per process; 0 leaves torch's default")
     profile: str = option("", doc="DeviceProfile the device classes' speeds are relative to; "
                                   "default: the one shipped for the model, else FLOP counts")
@@ -41,36 +47,51 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = option("synthetic", choices=("synthetic", "files", "hub"))
+    """What is trained and tested on, and how the training rows are split among the devices
+    (each device keeps a validation split of its own shard)."""
+
+    source: str = option("synthetic", choices=("synthetic", "files", "hub"),
+                         doc="generated topic sentences (offline), local files, or a dataset on the Hugging Face hub")
     hub_name: str = option("", doc="dataset name on the hub (source: hub)")
-    train_file: str = option("", doc="CSV/JSON/Parquet file (source: files)")
-    test_file: str = option("", doc="CSV/JSON/Parquet file (source: files)")
-    text_columns: list[str] = option(["text"])
-    label_column: str = option("label")
+    train_file: str = option("", doc="CSV, JSON, JSONL or Parquet file, relative to the working directory "
+                                     "(source: files)")
+    test_file: str = option("", doc="CSV, JSON, JSONL or Parquet file, relative to the working directory "
+                                    "(source: files)")
+    text_columns: list[str] = option(["text"], doc="columns that make an example's text, joined with a space")
+    label_column: str = option("label", doc="column of integer class labels")
     label_offset: int = option(0, doc="subtracted from every label (1 for 1-based labels)")
-    max_train: int = option(0, lo=0, doc="0 = all rows")
-    max_test: int = option(0, lo=0, doc="0 = all rows")
-    partition: str = option("iid", choices=("iid", "dirichlet"))
+    max_train: int = option(0, lo=0, doc="training rows used, a seeded sample; 0 = all rows")
+    max_test: int = option(0, lo=0, doc="test rows used, a seeded sample; 0 = all rows")
+    partition: str = option("iid", choices=("iid", "dirichlet"),
+                           doc="training rows split evenly at random, or by label skew: each class split among "
+                               "the devices in Dirichlet(alpha) proportions")
     alpha: float = option(0.5, gt=0, doc="Dirichlet concentration (partition: dirichlet)")
-    min_per_client: int = option(8, lo=1)
-    val_fraction: float = option(0.1, lo=0, hi=0.9)
-    synthetic_train: int = option(2000, lo=10)
-    synthetic_test: int = option(400, lo=10)
-    synthetic_classes: int = option(4, lo=2, hi=8)
+    min_per_client: int = option(8, lo=1, doc="the fewest training rows a device's shard may hold")
+    val_fraction: float = option(0.1, lo=0, hi=0.9, doc="share of each device's shard kept as its validation split")
+    synthetic_train: int = option(2000, lo=10, doc="training examples generated (source: synthetic)")
+    synthetic_test: int = option(400, lo=10, doc="test examples generated (source: synthetic)")
+    synthetic_classes: int = option(4, lo=2, hi=8, doc="topics to tell apart (source: synthetic)")
 
 
 @dataclass
 class TrainConfig:
-    local_steps: int = option(10, lo=1)
-    batch_size: int = option(16, lo=1)
-    lr: float = option(5e-4, lo=0)
-    weight_decay: float = option(0.0, lo=0)
-    eval_batch_size: int = option(64, lo=1)
+    """Each device's local training in a round, and evaluation."""
+
+    local_steps: int = option(10, lo=1, doc="optimizer steps each device takes in a round")
+    batch_size: int = option(16, lo=1, doc="training examples per step")
+    lr: float = option(5e-4, lo=0, doc="learning rate of each device's AdamW")
+    weight_decay: float = option(0.0, lo=0, doc="AdamW weight decay")
+    eval_batch_size: int = option(64, lo=1, doc="examples per batch when the global model is evaluated")
 
 
 @dataclass
 class DeviceSpec:
-    count: int = option(1, lo=1)
+    """`devices`: the device mix, device class to count, e.g. `{jetson-tx2: 4, xavier-nx: 3, agx-orin: 1}`
+    (`CLASS: N` is short for `CLASS: {count: N}`), giving devices named CLASS-0, CLASS-1, ...  A class
+    may be `{count, memory_mb, speed}` to override its budget and speed; a key with `device_class: CLASS`
+    names one device (`testbed deploy` names devices after hosts this way)."""
+
+    count: int = option(1, lo=1, doc="devices of this class")
     memory_mb: float = option(0.0, lo=0, doc="training memory budget; 0 = the class default")
     speed: float = option(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
     device_class: str = option("", doc="set: the key names one device (a host), of this class")
@@ -78,28 +99,38 @@ class DeviceSpec:
 
 @dataclass
 class WireConfig:
+    """How plans and updates travel, in-process too."""
+
     dtype: str = option("float32", choices=("float32", "float16", "bfloat16"),
                       doc="floating-point type LoRA tensors travel in")
 
 
 @dataclass
 class DistConfig:
-    backend: str = option("gloo", choices=("gloo", "nccl"))
+    """Distributed runs (mpirun, torchrun, `testbed deploy`); an in-process run ignores it."""
+
+    backend: str = option("gloo", choices=("gloo", "nccl"), doc="torch.distributed backend (gloo on CPU)")
     deadline_s: float = option(600.0, gt=0, doc="a device that has not answered by then is left out of the round")
     ifname: str = option("", doc="network interface for torch.distributed (sets GLOO_SOCKET_IFNAME)")
     master_addr: str = option("", doc="rendezvous address of rank 0; default: its address on ifname, or loopback")
     master_port: int = option(0, lo=0, hi=65535, doc="0 = a free port chosen by rank 0")
-    threads: int = option(1, lo=0, doc="torch threads per rank (ranks usually share cores)")
+    threads: int = option(1, lo=0, doc="torch threads per rank, in place of model.threads (ranks usually share "
+                                       "cores); 0 = model.threads")
     profile: bool = option(True, doc="each agent profiles its device when it joins (about 8 s for MiniLM)")
 
 
 @dataclass
 class ExperimentConfig:
-    seed: int = option(0)
-    rounds: int = option(5, lo=1)
-    eval_every: int = option(1, lo=1)
-    target_accuracy: float = option(0.8, lo=0, hi=1)
-    clock: str = option("modelled", choices=("modelled", "wall"))
+    """The top level of an experiment file: the run's own keys, then one section per concern."""
+
+    seed: int = option(0, doc="seeds data splits, sampling, initial LoRA and training")
+    rounds: int = option(5, lo=1, doc="federated rounds")
+    eval_every: int = option(1, lo=1, doc="evaluate the global model every k rounds, and after the last")
+    target_accuracy: float = option(0.8, lo=0, hi=1, doc="the test accuracy at which time_to_target_s and "
+                                                         "rounds_to_target are taken")
+    clock: str = option("modelled", choices=("modelled", "wall"),
+                        doc="modelled: each device is charged what the cost model predicts for its class and plan, "
+                            "a round lasts as long as its slowest device (deterministic); wall: real seconds")
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

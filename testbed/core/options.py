@@ -18,7 +18,7 @@ def option(default: Any, *, lo: float | None = None, hi: float | None = None, gt
 class StrategyConfig:
     """Options every strategy has; a strategy subclasses this with its own."""
 
-    name: str = option("fedlora")
+    name: str = option("fedlora", doc="the strategy that plans and aggregates the rounds (docs/strategies.md)")
     clients_per_round: int = option(0, lo=0, doc="devices sampled per round; 0 = all")
     validate: bool = option(False, doc="each device evaluates its model on its own validation split before and "
                                        "after training (personal_accuracy); droppeft always does (its reward)")
@@ -26,19 +26,21 @@ class StrategyConfig:
 @dataclass
 class HetRankOptions(StrategyConfig):
     max_rank: int = option(0, lo=0, doc="rank of the fastest device; 0 = model.lora.rank")
-    min_rank: int = option(2, lo=1)
+    min_rank: int = option(2, lo=1, doc="the lowest rank a device gets")
     ranks: dict[str, int] = option({}, doc="fixed rank per device class, overriding the speed rule")
 
 @dataclass
 class LegendOptions(StrategyConfig):
     max_rank: int = option(0, lo=0, doc="rank of the top layer; 0 = model.lora.rank")
     min_rank: int = option(2, lo=1, doc="rank of the lowest LoRA layer at full ramp")
-    min_depth: int = option(1, lo=1)
+    min_depth: int = option(1, lo=1, doc="the fewest top layers a device may train LoRA on")
     rank_profile: str = option("ramp", choices=("ramp", "uniform"),
                                doc="ramp: ranks may rise toward the output (from min_rank); uniform: one rank per plan")
     deadline_device: str = option("median", doc="median, fastest, slowest, or a device class name")
     deadline_factor: float = option(1.0, gt=0, doc="scales the reference device's predicted round time")
-    aggregation: str = option("pad", choices=("pad", "hetlora", "flexlora"))
+    aggregation: str = option("pad", choices=("pad", "hetlora", "flexlora"),
+                              doc="the rule (testbed/server/aggregate.py) layers are averaged by; "
+                                  "pad: rank rows averaged over the devices that hold them")
     below: str = option("frozen", choices=("frozen", "none"),
                         doc="layers under the depth: run the global LoRA frozen (sent down, not trained), "
                             "or run without LoRA (the device's model then differs from the global one)")
@@ -50,8 +52,8 @@ class AdaptiveOptions(LegendOptions):
                           doc="layers dropout may skip: those below the device's depth (forward only), or all it runs")
     factors: list[float] = option([1.0, 0.9], doc="the bandit's arms: factors on LEGEND's deadline")
     full_arm: bool = option(True, doc="one more arm: FedLoRA's round, the slowest device's baseline round")
-    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
-    epsilon: float = option(0.1, lo=0, hi=1)
+    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"), doc="how the bandit picks an arm")
+    epsilon: float = option(0.1, lo=0, hi=1, doc="exploration rate of bandit: epsilon")
     reward: str = option("accuracy", choices=("accuracy", "loss"),
                          doc="progress of the global model on the devices' validation splits")
     relax: float = option(0.25, lo=0, hi=1, doc="once a round's validation gain falls below this fraction of the "
@@ -63,10 +65,11 @@ class DropPEFTOptions(StrategyConfig):
     shapes: list[str] = option(["uniform", "rising"], doc="uniform: p everywhere; rising: p_l = p_max (l+1)/L; "
                                                           "falling: p_l = p_max (L-l)/L")
     maxima: list[float] = option([0.0, 0.2, 0.4, 0.6], doc="the p (or p_max) of each arm")
-    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"))
-    epsilon: float = option(0.1, lo=0, hi=1)
-    bandit_per: str = option("device", choices=("device", "class"))
-    reward: str = option("accuracy", choices=("accuracy", "loss"))
+    bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"), doc="how a bandit picks an arm")
+    epsilon: float = option(0.1, lo=0, hi=1, doc="exploration rate of bandit: epsilon")
+    bandit_per: str = option("device", choices=("device", "class"), doc="a bandit per device, or one per device class")
+    reward: str = option("accuracy", choices=("accuracy", "loss"),
+                         doc="validation accuracy gain, or loss drop, per second (see reward_time)")
     reward_baseline: str = option("round_mean", choices=("round_mean", "none"),
                                   doc="subtract the round's mean reward across devices: early rounds gain "
                                       "more whatever the arm, and would otherwise decide the bandit")
@@ -78,14 +81,22 @@ class DropPEFTOptions(StrategyConfig):
                                   "or the device's own")
     personal_k: int = option(0, lo=0, doc="layers whose LoRA stays on the devices (PTLS); 0 = none: the global "
                                         "model, which accuracy is measured on, then holds every layer's LoRA")
-    personal_by: str = option("top", choices=("top", "drift"))
+    personal_by: str = option("top", choices=("top", "drift"),
+                               doc="the personal layers: the top personal_k, or those whose client updates drift "
+                                   "most over the first drift_rounds")
     drift_rounds: int = option(1, lo=1, doc="rounds with every layer shared before drift picks the personal ones")
 
 @dataclass
 class FedPrunerOptions(StrategyConfig):
-    grouping: str = option("contiguous", choices=("contiguous", "graph"))
-    importance: str = option("loss", choices=("loss", "cosine"))
-    selection: str = option("importance", choices=("importance", "sampled", "random"))
+    grouping: str = option("contiguous", choices=("contiguous", "graph"),
+                           doc="units grouped by the linear CKA of their outputs: contiguous segments cut where "
+                               "neighbours are least alike, or agglomerative clustering of the CKA graph")
+    importance: str = option("loss", choices=("loss", "cosine"),
+                             doc="a unit's importance: the loss increase when it is skipped, or 1 - cosine of its "
+                                 "input and output")
+    selection: str = option("importance", choices=("importance", "sampled", "random"),
+                            doc="the unit kept of each group: the most important, or one sampled in proportion to "
+                                "importance; random: K random units (a baseline)")
     regroup_every: int = option(1, lo=1, doc="rounds between probes")
     probe_rows: int = option(32, lo=2, doc="rows of the batch the model is probed with")
     cka: str = option("server", choices=("server", "device"),
