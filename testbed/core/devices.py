@@ -2,7 +2,7 @@
 
 The reference is the machine the shipped profile was measured on
 (inventory/profiles/minilm-reference.yaml: 2 vCPUs of an AMD EPYC server), where MiniLM
-LoRA training runs at about 106 GFLOP/s (REFERENCE_GFLOPS in testbed/costmodel.py).
+LoRA training runs at about 106 GFLOP/s (REFERENCE_GFLOPS in testbed/server/costmodel.py).
 
 The edge classes are *derived*, not measured: speed = published FP32 peak of the board's GPU
 x an assumed 30 % utilisation for small-batch LoRA training / 106 GFLOP/s.  Memory is the

@@ -20,7 +20,7 @@ BOTH = "both"  # a layer runs its attention and its FFN block (else "attn" or "f
 
 @dataclass
 class Plan:
-    """What one device does in one round (DESIGN section 3)."""
+    """What one device does in one round (docs/architecture.md, "Vocabulary")."""
 
     ranks: dict[int, int]  # LoRA rank per original layer index; 0 = no LoRA there
     layers: list[int] | None = None  # layers resident on the device; None = all
