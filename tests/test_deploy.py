@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.deploy import named_files, run_config, with_paths
+from launch.deploy.payload import named_files, run_config, with_paths
 from launch.inventory import Host
 from testbed.core.config import from_dict
 from testbed.core.devices import devices_from_config
