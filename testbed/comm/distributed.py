@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from testbed.comm.framing import recv_bytes, send_bytes
+from testbed.comm.framing import LENGTH_PREFIX, recv_bytes, send_bytes
 from testbed.comm.join import PROBES, Joined, memory_from_dict
 from testbed.comm.transport import (PERSONAL_ON_AGENTS, Failure, Job,
                                     RoundResult, refuse_lost_personal)
@@ -185,7 +185,7 @@ class DistTransport:
                 errors[rank] = (device, "crash", str(exc).splitlines()[0][-200:])
                 return
             update.report.bytes_down = sent
-            update.report.bytes_up = len(buf) + 8
+            update.report.bytes_up = LENGTH_PREFIX + len(buf)
             done[device] = update
 
     def receive(self, buf: memoryview, round: int, device: str, seq: int) -> Update | Failure:
