@@ -170,7 +170,7 @@ import os, sys, time
 from datetime import timedelta
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-from testbed.dist import recv_bytes, send_bytes
+from testbed.comm.framing import recv_bytes, send_bytes
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2, timeout=timedelta(seconds=2))
 if dist.get_rank() == 1:
     time.sleep(5)  # more than twice the process group's timeout
@@ -201,10 +201,10 @@ import os, sys, time
 from datetime import timedelta
 sys.path.insert(0, {root!r})
 import torch, torch.distributed as dist
-from testbed.dist import DistTransport, recv_bytes, send_bytes
-from testbed.plan import Plan, Update
-from testbed.transport import Job
-from testbed.wire import pack, unpack, update_message
+from testbed.comm.distributed import DistTransport
+from testbed.comm.framing import recv_bytes, send_bytes
+from testbed.comm.wire import pack, unpack, update_message
+from testbed.core.plan import Job, Plan, Update
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=3, timeout=timedelta(seconds=2))
 key = b"k" * 32
 if dist.get_rank() == 1:
@@ -237,10 +237,10 @@ ROGUE = '''
 import logging, os, sys
 sys.path.insert(0, {root!r})
 import torch, torch.distributed as dist
-from testbed.dist import DistTransport, recv_bytes, send_bytes
-from testbed.plan import Plan, Update
-from testbed.transport import Job
-from testbed.wire import pack, update_message
+from testbed.comm.distributed import DistTransport
+from testbed.comm.framing import recv_bytes, send_bytes
+from testbed.comm.wire import pack, update_message
+from testbed.core.plan import Job, Plan, Update
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
 key = b"k" * 32

@@ -10,21 +10,20 @@ stream cannot be resynchronised.  A hung rank's thread goes on waiting for the r
 comes after all, it is dropped, the stream is in step again, and the rank's devices rejoin
 from the next round that starts after it.
 
-Joining: each agent rank sends a hello with the profile it measured of its device, then
+Joining (testbed.comm.join): each agent rank sends a hello with the profile it measured of its device, then
 echoes a few probe buffers, from whose round trips rank 0 measures the link.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import threading
 import time
 
 import torch
 
 from testbed.comm.framing import LENGTH_PREFIX, recv_bytes, send_bytes
-from testbed.comm.join import PROBES, Joined, memory_from_dict
+from testbed.comm.join import Joined, receive_hello, time_link
 from testbed.comm.transport import (PERSONAL_ON_AGENTS, Failure, Job,
                                     RoundResult, refuse_lost_personal)
 from testbed.comm.wire import (Message, WireError, pack, plan_message,
@@ -32,7 +31,6 @@ from testbed.comm.wire import (Message, WireError, pack, plan_message,
 from testbed.core.config import ExperimentConfig
 from testbed.core.errors import TestbedError
 from testbed.core.plan import Update
-from testbed.measure.profiler import profile_from_dict
 from testbed.model.info import ModelInfo
 
 log = logging.getLogger("testbed.dist")
@@ -78,28 +76,17 @@ class DistTransport:
         for rank in range(1, self.agents + 1):
             devices = [d for d, r in self.rank_of.items() if r == rank]
             try:
-                msg = unpack(recv_bytes(rank, self.join_wait_s), self.key)
-                if msg.kind != "hello":
-                    raise WireError(f"expected a hello, got a {msg.kind} message")
-                raw = msg.meta.get("profile")
-                profile = None if raw is None else profile_from_dict(raw, f"rank {rank}'s profile", info)
-                memory = memory_from_dict(msg.meta.get("memory"), f"rank {rank}'s memory")
-                times = []
-                for size in PROBES:
-                    start = time.perf_counter()
-                    send_bytes(memoryview(bytearray(size)), rank)
-                    recv_bytes(rank)
-                    times.append(time.perf_counter() - start)
+                hello = receive_hello(rank, self.key, info, self.join_wait_s)
+                mbit, ms = time_link(rank)
             except (WireError, TestbedError, RuntimeError) as exc:
                 self.lost[rank] = f"rank {rank}: failed to join: {str(exc).splitlines()[0]}"
                 log.warning("%s", self.lost[rank])
                 self.unjoined += [(d, self.lost[rank]) for d in devices]
                 continue
-            small, large = statistics.median(times[:5]), statistics.median(times[5:])
-            mbit, ms = 2 * 8 * PROBES[-1] / max(large - small, 1e-9) / 1e6, 1000 * small / 2
+            profile = hello.profile
             if profile is not None:  # the saved profile carries the link too
                 profile = dataclasses.replace(profile, bandwidth_mbit=mbit, latency_ms=ms)
-            out[rank] = Joined(rank, devices, profile, mbit, ms, memory)
+            out[rank] = Joined(rank, devices, profile, mbit, ms, hello.memory)
         return out
 
     def available(self, devices: list[str]) -> list[str]:
