@@ -155,7 +155,7 @@ def receiver() -> None:
     plan, info = plan_and_info()
     for i, (case, stage) in enumerate(CASES):
         transport = DistTransport(["d0"], 1, KEY, torch.float32, deadline_s=30)
-        transport.seq[1] = 10 * i  # one growing stream, as in a run
+        transport.ranks[1].seq = 10 * i  # one growing stream, as in a run
         result = transport.run_round(ROUND, {"d0": Job(plan, {}, head())})
         admitted = admit(ROUND, {"d0": plan}, result, info, head(), {"d0": SAMPLES})
         reason = result.failures[0].detail if result.failures else ""
