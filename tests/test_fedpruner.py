@@ -11,11 +11,11 @@ from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
 from testbed.measure.probe import linear_cka
 from testbed.model.lora import get_head
+from testbed.model.tiny import tiny_config
 from testbed.server.admission import check_update
 from testbed.server.loop import make_strategy
 from testbed.server.strategies.fedpruner import (contiguous_groups,
                                                  graph_groups, mean_probe)
-from tests.conftest import tiny_config
 
 
 def test_linear_cka_properties():

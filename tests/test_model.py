@@ -2,35 +2,13 @@
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModelForSequenceClassification, BertConfig,
-                          DistilBertConfig, GPT2Config, LlamaConfig,
-                          Qwen2Config, RobertaConfig)
 
 from testbed.core.config import LoraConfig
 from testbed.model.info import model_info
 from testbed.model.layers import running_layers
-from testbed.model.load import wrap_model
 from testbed.model.lora import (get_head, get_lora, init_lora, lora_applied,
                                 set_head, set_lora)
-
-SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-FAMILIES = {
-    "bert": (BertConfig(num_hidden_layers=3, **SMALL), "bert.encoder.layer"),
-    "roberta": (RobertaConfig(num_hidden_layers=3, pad_token_id=1, **SMALL), "roberta.encoder.layer"),
-    "distilbert": (DistilBertConfig(n_layers=3, dim=32, n_heads=2, hidden_dim=64, vocab_size=100),
-                   "distilbert.transformer.layer"),
-    "llama": (LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **SMALL), "model.layers"),
-    "qwen2": (Qwen2Config(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **SMALL), "model.layers"),
-    "gpt2": (GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100, pad_token_id=0), "transformer.h"),
-}
-
-
-def build(family: str):
-    cfg, path = FAMILIES[family]
-    cfg.num_labels = 3
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg)
-    return wrap_model(model, None, LoraConfig(rank=4, alpha=8)), path
+from tests.helpers import FAMILIES, build
 
 
 def batch():
