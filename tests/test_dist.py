@@ -277,7 +277,10 @@ def test_ranks_in_two_network_namespaces(tiny_bert, tmp_path, two_namespaces):
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32).hex().encode())
     secret.chmod(0o600)
-    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "10.78.0.1", "MASTER_PORT": "29561",
+    port = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, "-c",  # free where rank 0 listens
+                           "from launch.net import free_port; print(free_port('10.78.0.1'))"],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "10.78.0.1", "MASTER_PORT": port,
            "TESTBED_SECRET_FILE": str(secret)}
     out = tmp_path / "out"
     procs = []

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from testbed.core.config import LoraConfig
+from testbed.core.errors import TestbedError
 from testbed.model.info import model_info
 from testbed.model.layers import running_layers
 from testbed.model.lora import (get_head, get_lora, init_lora, lora_applied,
@@ -66,11 +67,11 @@ def test_state_that_does_not_fit_the_plan_is_refused():
     bb, _ = build("bert")
     info = model_info(bb)
     with lora_applied(bb, {0: 4, 1: 4, 2: 4}, LoraConfig(rank=4, alpha=8)) as model:
-        with pytest.raises(Exception, match="lacks"):
+        with pytest.raises(TestbedError, match="lacks"):
             set_lora(bb, model, init_lora(info, [0, 1], 4, seed=0))  # layer 2 missing
         bad = init_lora(info, [0, 1, 2], 4, seed=0)
         bad[2]["nonexistent.A"] = torch.zeros(4, 32)
-        with pytest.raises(Exception, match="does not fit"):
+        with pytest.raises(TestbedError, match="does not fit"):
             set_lora(bb, model, bad)
 
 
