@@ -103,7 +103,7 @@ def deploy(cfg: Path, out: Path, cut: str | None) -> dict:
 def memory(folder: Path, methods: list[str]) -> dict:
     from faults import Deployment, in_lab
 
-    from tests.conftest import save_tiny_bert, tiny_config
+    from testbed.model.tiny import save_tiny_bert, tiny_config
 
     model = save_tiny_bert(folder / "attention-bert", hidden=64, layers=8, heads=4, intermediate=256, positions=256)
 

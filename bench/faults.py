@@ -22,10 +22,10 @@ trains (the tiny BERT); an agent killed by its cgroup's OOM killer (FedLoRA's fu
 8-layer BERT at length 256 on a host limited to 800 MB; recorded only if the failure's cause
 names the OOM killer); and `testbed deploy` SIGKILLed after round 1, then `--resume`,
 compared with an uninterrupted deployment.
-Malformed messages: the corpus of tests/malformed.py (bad digests, keys, lengths, rounds,
+Malformed messages: the corpus of launch/faults/malformed.py (bad digests, keys, lengths, rounds,
 replays, unknown devices, dtypes, NaN/Inf, shapes, layers and ranks beyond the plan), each
 answered to a plan over gloo and checked by rank 0's own receiving code and update admission.
-Fuzz: the hypothesis strategies of the config and inventory parsers (tests/fuzzing.py), N
+Fuzz: the hypothesis strategies of the config and inventory parsers (launch/faults/fuzzing.py), N
 examples each; a crash is any outcome but a result or a one-line TestbedError.
 --quick: one run per fault, N = 200; full: 3 seeds per fault, N = 3000.
 Prints a table, and one JSON object on its last line.
@@ -51,13 +51,13 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMPI_ALLOW
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from launch import lab  # noqa: E402
 from launch.cmdline import mpirun_command  # noqa: E402
+from launch.faults.inject import kill_job, rank_pids, wait_for  # noqa: E402
 from testbed.core.config import from_dict  # noqa: E402
 from testbed.experiments.run import run_inprocess  # noqa: E402
-from tests.conftest import save_tiny_bert, tiny_config  # noqa: E402
-from tests.injection import kill_job, rank_pids, rows, wait_for  # noqa: E402
-from tests.test_lab import NO_LAB  # noqa: E402
-from tests.test_run import strip_wall  # noqa: E402
+from testbed.experiments.runs import read_rows, strip_wall  # noqa: E402
+from testbed.model.tiny import save_tiny_bert, tiny_config  # noqa: E402
 
 
 class Job:
@@ -131,7 +131,7 @@ def state_bytes_lost(job: Job, reference: dict | None = None) -> int | None:
 
 
 def outcome(job: Job, code: int, kind: str, device: str, devices: int) -> dict:
-    summary, logged = job.summary(), rows(job.out)
+    summary, logged = job.summary(), read_rows(job.out)
     faults = [f for f in summary["failures"] if f["kind"] == kind and f["device"] == device]
     first = min((f["round"] for f in faults), default=None)
     later = [r for r in logged if first is not None and r["round"] > first]
@@ -150,7 +150,7 @@ def agent_sigkill(model: str, seed: int, folder: Path) -> dict:
     job = Job(folder, agent_config(model, seed, 3, 200, **{"dist.deadline_s": 120}), agents=3)
     job.start()
     victims = wait_for("agent rank 2", lambda: rank_pids(2), job.proc)
-    wait_for("round 0", lambda: rows(job.out), job.proc)
+    wait_for("round 0", lambda: read_rows(job.out), job.proc)
     time.sleep(0.2)  # into round 1
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -162,11 +162,11 @@ def agent_sigstop(model: str, seed: int, folder: Path) -> dict:
     job = Job(folder, agent_config(model, seed, 6, 100, **{"dist.deadline_s": 6}), agents=3)
     job.start()
     victims = wait_for("agent rank 2", lambda: rank_pids(2), job.proc)
-    wait_for("round 0", lambda: rows(job.out), job.proc)
+    wait_for("round 0", lambda: read_rows(job.out), job.proc)
     for pid in victims:
         os.kill(pid, signal.SIGSTOP)
     try:
-        wait_for("the timeout", lambda: any("laptop-1" in r["failures"] for r in rows(job.out)), job.proc, 120)
+        wait_for("the timeout", lambda: any("laptop-1" in r["failures"] for r in read_rows(job.out)), job.proc, 120)
     finally:
         for pid in victims:
             os.kill(pid, signal.SIGCONT)
@@ -193,10 +193,10 @@ def aggregator_kill(model: str, seed: int, folder: Path, agents: int) -> dict:
     job = Job(folder / "cut", raw, agents)
     job.start()
     try:
-        wait_for("round 1", lambda: len(rows(job.out)) >= 2, job.proc)
+        wait_for("round 1", lambda: len(read_rows(job.out)) >= 2, job.proc)
     finally:
         kill_job(job.proc)
-    logged = len(rows(job.out))
+    logged = len(read_rows(job.out))
     saved = job.checkpoint()["round"] + 1
     code = job.resume()
     torch.set_num_threads(1)
@@ -204,7 +204,7 @@ def aggregator_kill(model: str, seed: int, folder: Path, agents: int) -> dict:
     reference = torch.load(folder / "whole" / "checkpoint.pt", weights_only=False)
     return outcome(job, code, "restart", "aggregator", 2 if agents else 3) | {
         "rounds_redone": logged - saved, "rejoined": None, "state_bytes_lost": state_bytes_lost(job, reference),
-        "metrics_equal": strip_wall(rows(job.out)) == strip_wall(rows(folder / "whole"))}
+        "metrics_equal": strip_wall(read_rows(job.out)) == strip_wall(read_rows(folder / "whole"))}
 
 
 class Deployment(Job):
@@ -222,14 +222,11 @@ class Deployment(Job):
 def in_lab(folder: Path, hosts: dict[str, dict], inject: Callable[..., dict]) -> dict:
     """`inject(inventory, lab state)` with a lab of these hosts (1 CPU and 3 GB each unless they
     say) up, in `folder`."""
-    from launch import lab
-    from tests.test_lab_deploy import lab_inventory
-
     subnet = f"10.219.{os.getpid() % 250 + 1}"
     hosts = {h: {"ansible_host": f"{subnet}.{10 + i}", "testbed_cpu": 1.0, "testbed_memory_mb": 3072, **v}
              for i, (h, v) in enumerate(hosts.items())}
     folder.mkdir(parents=True)
-    inv = lab_inventory(folder / "lab.yaml", subnet, hosts)
+    inv = lab.lab_inventory(folder / "lab.yaml", subnet, hosts)
     state = lab.up(lab.lab_spec(inv, f"f{os.getpid() % 10000}", str(folder / "lab")))
     try:
         return inject(inv, state)
@@ -239,12 +236,10 @@ def in_lab(folder: Path, hosts: dict[str, dict], inject: Callable[..., dict]) ->
 
 def lab_link_cut(model: str, seed: int, folder: Path) -> dict:
     """a2's link set down inside its namespace once round 0 is logged, while round 1 trains."""
-    from launch import lab
-
     def inject(inv: Path, state) -> dict:
         job = Deployment(folder / "run", agent_config(model, seed, 4, 100, **{"dist.deadline_s": 15}), inv)
         job.start()
-        wait_for("round 0", lambda: rows(job.out), job.proc, 300)
+        wait_for("round 0", lambda: read_rows(job.out), job.proc, 300)
         lab.ip(state.host("a2").netns, "link", "set", "tb0", "down")
         code = job.finish()
         return outcome(job, code, "timeout", "a2", 3) | {"state_bytes_lost": state_bytes_lost(job)}
@@ -282,16 +277,16 @@ def deploy_kill(model: str, seed: int, folder: Path) -> dict:
         job = Deployment(folder / "cut", raw, inv)
         job.start()
         try:
-            wait_for("round 1", lambda: len(rows(job.out)) >= 2, job.proc, 300)
+            wait_for("round 1", lambda: len(read_rows(job.out)) >= 2, job.proc, 300)
         finally:
             job.proc.kill()
             job.proc.wait()
-        logged, saved = len(rows(job.out)), job.checkpoint()["round"] + 1
+        logged, saved = len(read_rows(job.out)), job.checkpoint()["round"] + 1
         code = job.resume()
         return outcome(job, code, "restart", "aggregator", 3) | {
             "rounds_redone": logged - saved, "rejoined": None,
             "state_bytes_lost": state_bytes_lost(job, whole.checkpoint()),
-            "metrics_equal": strip_wall(rows(job.out)) == strip_wall(rows(whole.out))}
+            "metrics_equal": strip_wall(read_rows(job.out)) == strip_wall(read_rows(whole.out))}
 
     return in_lab(folder / "lab", {"a1": {}, "a2": {}, "a3": {}}, inject)
 
@@ -337,7 +332,7 @@ def total(values: list[int | None]) -> int | None:
 
 
 def run_malformed() -> dict:
-    from tests.malformed import run_corpus
+    from launch.faults.malformed import run_corpus
 
     lines, log = run_corpus()
     bad = lines[1:]  # the first is the honest control
@@ -355,7 +350,7 @@ def run_malformed() -> dict:
 def run_fuzz(examples: int, folder: Path) -> dict:
     from hypothesis import HealthCheck, given, settings
 
-    from tests import fuzzing as fz
+    from launch.faults import fuzzing as fz
 
     targets = {"config mappings": (fz.config_mappings, fz.check_mapping),
                "config sections": (fz.config_sections, fz.check_mapping),
@@ -412,8 +407,8 @@ def main() -> None:
         folder = Path(tmp)
         model = save_tiny_bert(folder / "tiny-bert")
         faults = run_faults(model, seeds, folder / "runs", FAULTS)
-        if NO_LAB:
-            print(f"  lab faults skipped: {NO_LAB}", file=sys.stderr)
+        if no_lab := lab.unavailable():
+            print(f"  lab faults skipped: {no_lab}", file=sys.stderr)
         else:
             faults += run_faults(model, seeds, folder / "lab-runs", LAB_FAULTS)
         malformed = run_malformed()

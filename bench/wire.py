@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from testbed.comm.framing import LENGTH_PREFIX  # noqa: E402
 from testbed.comm.wire import (Message, pack, unpack,  # noqa: E402
                                update_message)
 from testbed.core.plan import Update  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> None:
     head = {"classifier.weight": torch.zeros(4, 384), "classifier.bias": torch.zeros(4)}
     u = Update("jetson-tx2-0", 0, lora, head, 750, dict.fromkeys(range(6), 10), 10, 0.5)
     tensors = sum(t.numel() * 4 for ts in lora.values() for t in ts.values()) + sum(t.numel() * 4 for t in head.values())
-    ratio = (len(pack(update_message(u, 1), KEY)) + 8) / tensors
+    ratio = (LENGTH_PREFIX + len(pack(update_message(u, 1), KEY))) / tensors
     print(json.dumps({"bench": "wire", "quick": args.quick, "throughput": figures,
                       "minilm_update_wire_over_tensor_bytes": round(ratio, 4)}))
 

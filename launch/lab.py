@@ -31,10 +31,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 from launch.inventory import Host, load_inventory
 from testbed.core.devices import CLASSES
@@ -163,6 +166,20 @@ def lab_spec(inventory: str | Path, name: str | None = None, directory: str | No
     return spec
 
 
+def lab_inventory(path: Path, subnet: str, hosts: dict[str, dict]) -> Path:
+    """Write an inventory for a lab made in code: `hosts` (name: vars) on `subnet` (its first
+    three octets, e.g. "10.216.3"), the lab's keys and the hosts' workdirs beside the file, and
+    this machine's Python on the hosts (they share its file system)."""
+    path.write_text(yaml.safe_dump({"all": {"vars": {
+        "testbed_lab_subnet": f"{subnet}.0/24", "ansible_user": "root",
+        "ansible_ssh_private_key_file": "{{ inventory_dir }}/keys/id_ed25519",
+        "testbed_known_hosts": "{{ inventory_dir }}/keys/known_hosts",
+        "ansible_python_interpreter": sys.executable,
+        "testbed_workdir": "{{ inventory_dir }}/work",
+        "testbed_memory_mb": 1536, "testbed_bandwidth_mbit": 200}, "hosts": hosts}}))
+    return path
+
+
 def common_var(hosts: list[Host], var: str, where: str) -> str:
     values = {str(h.vars.get(var, "")) for h in hosts}
     if len(values) > 1:
@@ -232,6 +249,15 @@ def check_machine(verb: str) -> None:
         if not (CGROUPS / controller / probe).exists():
             raise TestbedError(f"{CGROUPS / controller / probe} not found: the lab needs cgroup v1's "
                                f"{controller} controller")
+
+
+def unavailable() -> str:
+    """Why this machine cannot build a lab ("" if it can): for tests and benchmarks that skip."""
+    try:
+        check_machine("up")
+    except TestbedError as exc:
+        return str(exc)
+    return ""
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:

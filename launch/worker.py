@@ -10,7 +10,7 @@ import torch
 from testbed.agent.agent import Agent
 from testbed.comm.distributed import hosts, patience_s
 from testbed.comm.framing import recv_bytes, send_bytes
-from testbed.comm.join import PROBES
+from testbed.comm.join import Hello, echo_probes, send_hello
 from testbed.comm.wire import (Message, WireError, pack, read_plan, unpack,
                                update_message)
 from testbed.core.config import ExperimentConfig
@@ -74,11 +74,8 @@ def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
         hold(exp.bb, [])
         log.info("profiled this device in %.1f s (batch %d); memory limit %.0f MB, %.0f MB in use before",
                  time.perf_counter() - start, batch, memory.limit_mb, memory.base_mb)
-    hello = Message("hello", -1, "", 0, {"profile": None if profile is None else dataclasses.asdict(profile),
-                                         "memory": dataclasses.asdict(memory)})
-    send_bytes(pack(hello, key), 0)
-    for _ in PROBES:  # rank 0 times the links one agent after the other: the first probe may take long
-        send_bytes(recv_bytes(0, patience_s(cfg)), 0)
+    send_hello(Hello(profile, memory), key)
+    echo_probes(patience_s(cfg))
 
 
 def profile_batch(cfg: ExperimentConfig, exp: Experiment, memory: MemoryMeasure) -> int:

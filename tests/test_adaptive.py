@@ -8,10 +8,10 @@ from testbed.core.config import from_dict
 from testbed.core.errors import TestbedError
 from testbed.core.plan import Plan, Report
 from testbed.experiments.run import run_inprocess
+from testbed.experiments.runs import strip_wall
 from testbed.experiments.setup import setup
+from testbed.model.tiny import tiny_config
 from testbed.server.loop import make_strategy
-from tests.conftest import tiny_config
-from tests.test_run import strip_wall
 
 DEVICES = {"agx-orin": 1, "xavier-nx": 1, "jetson-tx2": 1}
 

@@ -11,8 +11,8 @@ from testbed.core.plan import LayerProbe, Plan, Update
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
 from testbed.model.lora import get_head, init_lora
+from testbed.model.tiny import tiny_config
 from testbed.server.admission import check_update
-from tests.conftest import tiny_config
 
 PLAN = Plan(ranks={0: 4, 1: 2}, local_steps=3)
 

@@ -17,10 +17,10 @@ from testbed.core.config import save_config
 from testbed.core.errors import TestbedError
 from testbed.experiments.report import write_report
 from testbed.experiments.run import run_inprocess
-from testbed.experiments.runs import find_runs, load_run
+from testbed.experiments.runs import find_runs, load_run, read_rows, strip_wall
 from testbed.experiments.study import load_study, run_study
-from tests.conftest import ROOT, tiny_config
-from tests.test_run import cli, read_rows, strip_wall
+from testbed.model.tiny import tiny_config
+from tests.helpers import ROOT, cli
 
 # DropPEFT with two of its eight default arms: with all eight its bandit is still trying
 # 0.4-0.6 dropout after 3 rounds, and the global accuracy swings (it converges later).

@@ -1,11 +1,11 @@
 """Fuzzed configs and overrides: every input gives a config or a TestbedError, never a traceback."""
 from hypothesis import HealthCheck, example, given, settings
 
+from launch.faults.fuzzing import (check_config_text, check_mapping,
+                                   check_yaml_document, config_mappings,
+                                   config_sections, config_texts)
 from testbed.core.config import from_dict
 from testbed.core.errors import TestbedError
-from tests.fuzzing import (check_config_text, check_mapping,
-                           check_yaml_document, config_mappings,
-                           config_sections, config_texts)
 
 
 @settings(max_examples=400, deadline=None)

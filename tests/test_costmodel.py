@@ -7,7 +7,7 @@ from testbed.core.config import from_dict
 from testbed.core.plan import Plan
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
-from tests.conftest import tiny_config
+from testbed.model.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,15 @@ import yaml
 
 from launch.deploy.payload import named_files, run_config, with_paths
 from launch.inventory import Host
+from launch.net import free_port
 from testbed.core.config import from_dict
 from testbed.core.devices import devices_from_config
 from testbed.core.errors import TestbedError
-from tests.conftest import ROOT, tiny_config
-from tests.test_run import read_rows, strip_wall
+from testbed.experiments.runs import read_rows, strip_wall
+from testbed.model.tiny import tiny_config
+from tests.helpers import ENV, ROOT, run_processes, write_config
 
 SSHD = Path("/usr/sbin/sshd")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -38,12 +39,6 @@ class Sshd:
     client_key: Path
     known_hosts: Path  # holds the server's key
     folder: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _keygen(path: Path) -> None:
@@ -59,7 +54,7 @@ def sshd(tmp_path_factory) -> Sshd:
     _keygen(d / "host_key")
     _keygen(d / "client_key")
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     (d / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
 HostKey {d}/host_key
@@ -113,28 +108,8 @@ def deploy(inv: Path, config: Path, out: Path, known_hosts: Path, *extra: str,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def write_config(tmp_path: Path, cfg: dict) -> Path:
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
 def errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("testbed: error:")]
-
-
-def run_processes(marker: str) -> list[int]:
-    """launch.mpi processes whose command line or environment mentions `marker` (a test's tmp path)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if b"launch.mpi" in cmd and (marker.encode() in cmd or marker.encode() in env):
-            found.append(int(pid))
-    return found
 
 
 def ps_output() -> str:
@@ -211,7 +186,7 @@ def test_a_changed_host_key_is_refused_even_when_accepting_new_ones(sshd, tmp_pa
 
 @ssh
 def test_every_unready_host_gets_one_line_naming_it(sshd, tmp_path, tiny_bert):
-    closed = _free_port()
+    closed = free_port("127.0.0.1")
     venv = lacking_venv(tmp_path / "lacking", "psutil")
     inv = inventory(tmp_path / "inv.yaml", sshd, {
         "good": {},

@@ -12,38 +12,28 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from launch.cmdline import mpirun_command
+from launch.faults.inject import rank_pids, wait_for
+from launch.net import free_port
 from testbed.core.config import from_dict
 from testbed.core.plan import Plan
 from testbed.experiments.run import run_inprocess
+from testbed.experiments.runs import read_rows
 from testbed.experiments.setup import setup
 from testbed.measure.profiler import load_profile
 from testbed.model.info import model_info
 from testbed.model.load import load_backbone
+from testbed.model.tiny import tiny_config
 from testbed.server.loop import make_strategy
-from tests.conftest import ROOT, tiny_config
-from tests.injection import rank_pids
+from tests.helpers import ENV, ROOT, write_config
 
 pytestmark = pytest.mark.dist
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "OMP_NUM_THREADS": "1"}
-
-
-def write_config(tmp_path: Path, cfg: dict) -> Path:
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def mpirun(config: Path, out: Path, agents: int, sets=(), timeout=300) -> subprocess.CompletedProcess:
     cmd = mpirun_command(str(config), list(sets), out, agents)
     return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_mpirun_three_ranks_two_rounds(tiny_bert, tmp_path):
@@ -52,7 +42,7 @@ def test_mpirun_three_ranks_two_rounds(tiny_bert, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["failures"] == [] and summary["final_accuracy"] is not None
-    for r in rows(tmp_path / "out"):
+    for r in read_rows(tmp_path / "out"):
         assert len(r["devices"]) == 2 and r["bytes_up"] > 0 and r["bytes_down"] > 0
     # each agent profiled its device when it joined, and rank 0 timed its link
     info = model_info(load_backbone(from_dict(tiny_config(tiny_bert)).model, 4, seed=0))
@@ -104,8 +94,9 @@ def test_inprocess_and_mpirun_agree_bitwise(tiny_bert, tmp_path, wire_dtype):
             assert torch.equal(a["lora"][layer][name], b["lora"][layer][name]), (layer, name)
     for name in b["head"]:
         assert torch.equal(a["head"][name], b["head"][name])
-    assert [r["accuracy"] for r in rows(tmp_path / "mpi")] == [r["accuracy"] for r in rows(tmp_path / "local")]
-    assert [r["bytes_up"] for r in rows(tmp_path / "mpi")] == [r["bytes_up"] for r in rows(tmp_path / "local")]
+    mpi, local = read_rows(tmp_path / "mpi"), read_rows(tmp_path / "local")
+    assert [r["accuracy"] for r in mpi] == [r["accuracy"] for r in local]
+    assert [r["bytes_up"] for r in mpi] == [r["bytes_up"] for r in local]
 
 
 def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
@@ -115,13 +106,8 @@ def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
     cmd = mpirun_command(str(config), [], out, 3)
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (victims := rank_pids(2)):
-            assert time.monotonic() < deadline and proc.poll() is None, "agent rank 2 never started"
-            time.sleep(0.1)
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-            assert time.monotonic() < deadline and proc.poll() is None, "round 0 never finished"
-            time.sleep(0.1)
+        victims = wait_for("agent rank 2 started", lambda: rank_pids(2), proc)
+        wait_for("round 0 done", lambda: read_rows(out), proc)
         time.sleep(0.2)  # now inside round 1 (a round takes about a second)
         killed_at = time.monotonic()
         for pid in victims:
@@ -135,7 +121,7 @@ def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
     assert summary["rounds"] == 4
     crash = [f for f in summary["failures"] if f["kind"] == "crash"]
     assert crash and crash[0]["device"] == "laptop-1", summary["failures"]
-    r = rows(out)
+    r = read_rows(out)
     assert {d["device"] for d in r[-1]["devices"]} == {"laptop-0", "laptop-2"}
     # detected well before the 120 s deadline: the whole rest of the run took less
     assert time.monotonic() - killed_at < 100
@@ -145,7 +131,7 @@ def test_malformed_reply_is_rejected_and_logged(tiny_bert, tmp_path):
     """Rank 1 answers a plan with a truncated, then a tampered message; rank 0 must refuse both."""
     script = tmp_path / "rogue.py"
     script.write_text(ROGUE.format(root=str(ROOT), model=tiny_bert))
-    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "WORLD_SIZE": "2"}
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -158,7 +144,7 @@ def test_a_patient_receive_outlasts_the_process_group_timeout(tmp_path):
     """Agents wait for peers that are slow to join and for the slowest device of every round."""
     script = tmp_path / "late.py"
     script.write_text(LATE.format(root=str(ROOT)))
-    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "WORLD_SIZE": "2"}
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -170,7 +156,7 @@ import os, sys, time
 from datetime import timedelta
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-from testbed.dist import recv_bytes, send_bytes
+from testbed.comm.framing import recv_bytes, send_bytes
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2, timeout=timedelta(seconds=2))
 if dist.get_rank() == 1:
     time.sleep(5)  # more than twice the process group's timeout
@@ -186,7 +172,7 @@ def test_a_rank_that_misses_its_deadline_does_not_take_the_others_down(tmp_path)
     """Rank 2 takes a plan and never answers; rank 1 goes on answering, past the process group's timeout."""
     script = tmp_path / "hung.py"
     script.write_text(HUNG.format(root=str(ROOT)))
-    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "3"}
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")), "WORLD_SIZE": "3"}
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1, 2)]
     out = procs[0].communicate(timeout=120)[0]
@@ -201,10 +187,10 @@ import os, sys, time
 from datetime import timedelta
 sys.path.insert(0, {root!r})
 import torch, torch.distributed as dist
-from testbed.dist import DistTransport, recv_bytes, send_bytes
-from testbed.plan import Plan, Update
-from testbed.transport import Job
-from testbed.wire import pack, unpack, update_message
+from testbed.comm.distributed import DistTransport
+from testbed.comm.framing import recv_bytes, send_bytes
+from testbed.comm.wire import pack, unpack, update_message
+from testbed.core.plan import Job, Plan, Update
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=3, timeout=timedelta(seconds=2))
 key = b"k" * 32
 if dist.get_rank() == 1:
@@ -225,22 +211,14 @@ os._exit(0)
 '''
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ROGUE = '''
 import logging, os, sys
 sys.path.insert(0, {root!r})
 import torch, torch.distributed as dist
-from testbed.dist import DistTransport, recv_bytes, send_bytes
-from testbed.plan import Plan, Update
-from testbed.transport import Job
-from testbed.wire import pack, update_message
+from testbed.comm.distributed import DistTransport
+from testbed.comm.framing import recv_bytes, send_bytes
+from testbed.comm.wire import pack, update_message
+from testbed.core.plan import Job, Plan, Update
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
 key = b"k" * 32
@@ -299,7 +277,10 @@ def test_ranks_in_two_network_namespaces(tiny_bert, tmp_path, two_namespaces):
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32).hex().encode())
     secret.chmod(0o600)
-    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "10.78.0.1", "MASTER_PORT": "29561",
+    port = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, "-c",  # free where rank 0 listens
+                           "from launch.net import free_port; print(free_port('10.78.0.1'))"],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "10.78.0.1", "MASTER_PORT": port,
            "TESTBED_SECRET_FILE": str(secret)}
     out = tmp_path / "out"
     procs = []
@@ -321,7 +302,7 @@ def test_oom_on_an_agent_is_reported_and_the_rank_keeps_serving(tiny_bert, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [(f["device"], f["kind"]) for f in summary["failures"]] == [("jetson-tx2-0", "oom")] * 2
-    assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in rows(tmp_path / "out"))
+    assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in read_rows(tmp_path / "out"))
 
 
 def test_pruned_agents_hold_only_their_layers_and_devices_probe_over_the_wire(tiny_llama, tmp_path):
@@ -339,7 +320,7 @@ def test_pruned_agents_hold_only_their_layers_and_devices_probe_over_the_wire(ti
     proc = mpirun(write_config(tmp_path, raw), tmp_path / "out", agents=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     layer_mb = exp.info.layer_params * 4 / 2**20
-    r = rows(tmp_path / "out")
+    r = read_rows(tmp_path / "out")
     rss = [{d["device"]: d["peak_rss_mb"] for d in row["devices"]} for row in r]
     assert [d["layers"] for d in r[1]["devices"]] == [16, 4]
     assert rss[1]["laptop-0"] - rss[1]["jetson-tx2-0"] > 0.7 * 12 * layer_mb, (rss, layer_mb)
@@ -366,8 +347,9 @@ def test_adaptive_plans_run_over_mpirun_as_in_process(tiny_bert, tmp_path):
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("mpi", "local"))
     assert all(torch.equal(a["lora"][l][n], b["lora"][l][n]) for l in b["lora"] for n in b["lora"][l])
     assert all(torch.equal(a["head"][n], b["head"][n]) for n in b["head"])
-    for r in rows(tmp_path / "mpi"):
+    mpi, local = read_rows(tmp_path / "mpi"), read_rows(tmp_path / "local")
+    for r in mpi:
         device = {d["device"]: d for d in r["devices"]}
         assert device["jetson-tx2-0"]["layers"] == 1 and device["laptop-0"]["layers"] == 2
         assert all(d["drop"] == 0.5 for d in r["devices"])
-    assert [r["accuracy"] for r in rows(tmp_path / "mpi")] == [r["accuracy"] for r in rows(tmp_path / "local")]
+    assert [r["accuracy"] for r in mpi] == [r["accuracy"] for r in local]

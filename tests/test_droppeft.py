@@ -15,9 +15,9 @@ from testbed.experiments import setup as experiment_setup
 from testbed.model.info import model_info
 from testbed.model.load import load_backbone
 from testbed.model.lora import init_lora
+from testbed.model.tiny import save_tiny_bert, tiny_config
 from testbed.server.bandit import Bandit
 from testbed.server.loop import make_strategy
-from tests.conftest import save_tiny_bert, tiny_config
 
 
 @pytest.fixture(scope="module")

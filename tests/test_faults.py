@@ -9,30 +9,18 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from launch.cmdline import mpirun_command
+from launch.faults.inject import kill_job, rank_pids, wait_for
+from launch.faults.malformed import CASES, run_corpus
+from launch.net import free_port
 from testbed.core.config import from_dict
 from testbed.experiments.run import run_inprocess
-from tests.conftest import ROOT, tiny_config
-from tests.injection import kill_job, rank_pids, rows, wait_for
-from tests.malformed import CASES, run_corpus
-from tests.test_run import strip_wall
+from testbed.experiments.runs import read_rows, strip_wall
+from testbed.model.tiny import tiny_config
+from tests.helpers import ENV, ROOT, cli, write_config
 
 pytestmark = pytest.mark.dist
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "OMP_NUM_THREADS": "1"}
-
-
-def write_config(tmp_path, raw: dict):
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], env=ENV, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_every_malformed_reply_is_refused_and_logged():
@@ -60,11 +48,11 @@ def test_a_hung_agent_times_out_and_rejoins_when_it_answers(tiny_bert, tmp_path)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         victims = wait_for("agent rank 2 started", lambda: rank_pids(2), proc)
-        wait_for("round 0 done", lambda: rows(out), proc)
+        wait_for("round 0 done", lambda: read_rows(out), proc)
         for pid in victims:
             os.kill(pid, signal.SIGSTOP)
         wait_for("a round without laptop-1", lambda: any(
-            "laptop-1" in r["failures"] for r in rows(out)), proc, timeout=60)
+            "laptop-1" in r["failures"] for r in read_rows(out)), proc, timeout=60)
         for pid in victims:
             os.kill(pid, signal.SIGCONT)
         _, stderr = proc.communicate(timeout=240)
@@ -76,7 +64,7 @@ def test_a_hung_agent_times_out_and_rejoins_when_it_answers(tiny_bert, tmp_path)
     assert summary["rounds"] == 6
     assert [(f["device"], f["kind"]) for f in summary["failures"]] == [("laptop-1", "timeout")], summary["failures"]
     missed = summary["failures"][0]["round"]
-    r = rows(out)
+    r = read_rows(out)
     assert "laptop-1" not in {d["device"] for d in r[missed]["devices"]}
     assert "laptop-1" in {d["device"] for d in r[-1]["devices"]}, "the device never rejoined"
     assert "answered after the deadline" in stderr
@@ -93,17 +81,17 @@ def test_a_killed_mpi_job_resumes_to_the_same_metrics(tiny_bert, tmp_path):
     proc = subprocess.Popen(mpirun_command(str(config), [], out, 2), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for("two rounds done", lambda: len(rows(out)) >= 2, proc)
+        wait_for("two rounds done", lambda: len(read_rows(out)) >= 2, proc)
     finally:
         assert kill_job(proc) >= 3  # mpirun and the three ranks at least
-    assert 2 <= len(rows(out)) < 5
+    assert 2 <= len(read_rows(out)) < 5
     resumed = cli(["run", str(config), "--launcher", "mpi", "--agents", "2", "--resume", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after round" in resumed.stderr
     assert [f["kind"] for f in json.loads((out / "summary.json").read_text())["failures"]] == ["restart"]
     torch.set_num_threads(1)
     run_inprocess(from_dict(raw), tmp_path / "whole", quiet=True)
-    assert strip_wall(rows(out)) == strip_wall(rows(tmp_path / "whole"))
+    assert strip_wall(read_rows(out)) == strip_wall(read_rows(tmp_path / "whole"))
     a, b = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (out, tmp_path / "whole"))
     assert all(torch.equal(a["lora"][l][n], b["lora"][l][n]) for l in b["lora"] for n in b["lora"][l])
 
@@ -134,7 +122,7 @@ def test_an_agent_with_the_wrong_secret_cannot_join_and_is_on_record(tiny_bert, 
     for name in ("right", "wrong"):
         secrets[name] = tmp_path / name
         secrets[name].write_bytes(os.urandom(16).hex().encode())
-    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {**ENV, "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1"))}
     out = tmp_path / "out"
     procs = [subprocess.Popen([sys.executable, "-m", "launch.mpi", str(config), "--out", str(out)], cwd=ROOT,
                               env={**env, "RANK": str(rank), "TESTBED_SECRET_FILE": str(secrets[which])},
@@ -150,12 +138,4 @@ def test_an_agent_with_the_wrong_secret_cannot_join_and_is_on_record(tiny_bert, 
     assert "rank 2: failed to join: digest mismatch" in log
     summary = json.loads((out / "summary.json").read_text())
     assert [(f["device"], f["kind"], f["round"]) for f in summary["failures"]] == [("laptop-1", "join", 0)]
-    assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in rows(out))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in read_rows(out))

@@ -11,20 +11,24 @@ from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
 from testbed.measure.probe import linear_cka
 from testbed.model.lora import get_head
+from testbed.model.tiny import tiny_config
 from testbed.server.admission import check_update
 from testbed.server.loop import make_strategy
 from testbed.server.strategies.fedpruner import (contiguous_groups,
                                                  graph_groups, mean_probe)
-from tests.conftest import tiny_config
 
 
 def test_linear_cka_properties():
+    """On representations whose features are far from centred, as a layer's outputs are: only a
+    CKA that centres them finds a shifted copy the same and unrelated ones unrelated."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 16, generator=g)
+    mean = 4.0 + torch.randn(16, generator=g)
+    x = mean + torch.randn(200, 16, generator=g)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-5)
     assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0, abs=1e-4)  # rotation and scale invariant
-    assert linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2
+    assert linear_cka(x, x + 2.0 * mean) == pytest.approx(1.0, abs=1e-4)  # and shift invariant
+    assert linear_cka(x, mean + torch.randn(200, 16, generator=g)) < 0.2
 
 
 CKA = [[1.0, 0.9, 0.3, 0.2],

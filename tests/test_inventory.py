@@ -6,10 +6,10 @@ import sys
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
+from launch.faults.fuzzing import check_inventory, inventory_texts
 from launch.inventory import expand, hostfile, load_inventory
 from testbed.core.errors import TestbedError
-from tests.conftest import ROOT
-from tests.fuzzing import check_inventory, inventory_texts
+from tests.helpers import ROOT
 
 
 def key(hosts):

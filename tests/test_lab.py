@@ -15,27 +15,7 @@ import pytest
 from launch import lab
 from launch.mpi import main
 from testbed.core.errors import TestbedError
-from tests.conftest import ROOT
-
-
-def why_no_lab() -> str:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and cgroups)"
-    if tool := lab.missing_tool():
-        return f"needs {tool} (Debian's {lab.TOOLS[tool]})"
-    if not all((lab.CGROUPS / c / f).exists() for c, f in (("cpu", "cpu.cfs_quota_us"),
-                                                            ("memory", "memory.limit_in_bytes"))):
-        return "needs cgroup v1's cpu and memory controllers under /sys/fs/cgroup"
-    return ""
-
-
-NO_LAB = why_no_lab()
-
-
-def lab_test(fn):
-    """Marked `lab` (select with -m lab), and skipped with the reason where a lab cannot be built."""
-    return pytest.mark.lab(pytest.mark.skipif(bool(NO_LAB), reason=NO_LAB)(fn))
-
+from tests.helpers import NO_LAB, ROOT, lab_test, leftovers
 
 # A subnet and names of this test run's own, so that another lab on the machine does not clash.
 SUBNET, SUBNET_C, SUBNET_F = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (213, 214, 215))
@@ -79,16 +59,6 @@ def remote(state: lab.LabState, host: str, command: str) -> str:
     rc, out, err = lab.run_on(state, host, command)
     assert rc == 0, err
     return out
-
-
-def leftovers(state: lab.LabState, pids: list[int]) -> list[str]:
-    """Whatever of the lab still exists."""
-    found = [f"namespace {ns}" for ns in state.netns if ns in lab.namespaces()]
-    found += [f"link {link}" for link in state.links if lab.link_exists(link)]
-    found += [f"cgroup {d}" for h in state.hosts for d in lab.cgroup_dirs(h) if d.exists()]
-    found += [f"process {pid}" for pid in pids if lab.alive(pid)]  # a zombie (init may not reap) is not alive
-    found += [f"path {p}" for p in [state.dir, state.key_file, state.known_hosts, *state.paths] if Path(p).exists()]
-    return found
 
 
 @lab_test

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from launch import lab
-from tests.conftest import ROOT, save_tiny_bert, tiny_config
-from tests.test_deploy import ENV, run_processes, write_config
-from tests.test_lab import lab_test, leftovers
+from testbed.experiments.runs import read_rows
+from testbed.model.tiny import save_tiny_bert, tiny_config
+from tests.helpers import (ENV, ROOT, lab_test, leftovers, run_processes,
+                           write_config)
 
 # this test run's own subnets and lab names, so that another lab on the machine does not clash
 SUBNET, SUBNET_CPU, SUBNET_MEM = (f"10.{n}.{os.getpid() % 250 + 1}" for n in (216, 217, 218))
@@ -28,30 +29,15 @@ def small_bert(tmp_path_factory) -> str:
     return save_tiny_bert(tmp_path_factory.mktemp("small-bert"), hidden=256, layers=4, heads=4, intermediate=1024)
 
 
-def lab_inventory(path: Path, subnet: str, hosts: dict[str, dict]) -> Path:
-    path.write_text(yaml.safe_dump({"all": {"vars": {
-        "testbed_lab_subnet": f"{subnet}.0/24", "ansible_user": "root",
-        "ansible_ssh_private_key_file": "{{ inventory_dir }}/keys/id_ed25519",
-        "testbed_known_hosts": "{{ inventory_dir }}/keys/known_hosts",
-        "ansible_python_interpreter": sys.executable,
-        "testbed_workdir": "{{ inventory_dir }}/work",
-        "testbed_memory_mb": 1536, "testbed_bandwidth_mbit": 200}, "hosts": hosts}}))
-    return path
-
-
 def deploy(inv: Path, config: Path, out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "testbed.cli", "deploy", "-i", str(inv), str(config), "--out", str(out)]
     return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @lab_test
 def test_lab_up_deploy_two_fedlora_rounds_on_three_hosts_lab_down_leaves_nothing(tiny_bert, tmp_path):
     hosts = {f"h{i}": {"ansible_host": f"{SUBNET}.{10 + i}", "testbed_cpu": 1.0} for i in (1, 2, 3)}
-    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET, hosts)
+    inv = lab.lab_inventory(tmp_path / "lab.yaml", SUBNET, hosts)
     state = lab.up(lab.lab_spec(inv, NAME, str(tmp_path / "lab")))
     try:
         out = tmp_path / "runs" / "ci"
@@ -62,7 +48,7 @@ def test_lab_up_deploy_two_fedlora_rounds_on_three_hosts_lab_down_leaves_nothing
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "fedlora" and summary["rounds"] == 2 and summary["failures"] == []
-    assert [sorted(d["device"] for d in r["devices"]) for r in rows(out)] == [["h1", "h2", "h3"]] * 2
+    assert [sorted(d["device"] for d in r["devices"]) for r in read_rows(out)] == [["h1", "h2", "h3"]] * 2
     for h in hosts:
         assert f"serves {h}" in (out / "agents" / f"{h}.log").read_text()
     assert leftovers(state, sshd) == []  # namespaces, links, cgroups, sshd, the lab's files
@@ -76,7 +62,7 @@ def test_on_the_wall_clock_legend_gives_a_quarter_cpu_host_a_lighter_plan_than_a
              "whole": {"ansible_host": f"{SUBNET_CPU}.11", "testbed_cpu": 1.0}}
     for h in hosts.values():
         h["testbed_profile"] = "reference"
-    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET_CPU, hosts)
+    inv = lab.lab_inventory(tmp_path / "lab.yaml", SUBNET_CPU, hosts)
     cfg = tiny_config(small_bert, rounds=1, clock="wall", strategy={"name": "legend", "deadline_device": "fastest"},
                       **{"model.max_length": 64, "train.batch_size": 16})
     state = lab.up(lab.lab_spec(inv, f"{NAME}c", str(tmp_path / "lab")))
@@ -90,7 +76,7 @@ def test_on_the_wall_clock_legend_gives_a_quarter_cpu_host_a_lighter_plan_than_a
                 for rank, h in ((1, "quarter"), (2, "whole"))}
     step = {h: sum(p["forward_frozen_s"]) + sum(p["backward_s"][min(p["backward_s"])]) for h, p in measured.items()}
     assert step["quarter"] > 2 * step["whole"], step
-    (row,) = rows(out)
+    (row,) = read_rows(out)
     depth = {d["device"]: d["layers"] for d in row["devices"]}
     assert depth["quarter"] < depth["whole"], depth
 
@@ -114,7 +100,7 @@ def test_a_memory_limited_host_gets_a_plan_that_fits_while_fedlora_is_killed_by_
              "tight": {"ansible_host": f"{SUBNET_MEM}.11", "testbed_memory_mb": 800}}
     for h in hosts.values():
         h.update(testbed_profile="reference", testbed_cpu=1.0)
-    inv = lab_inventory(tmp_path / "lab.yaml", SUBNET_MEM, hosts)
+    inv = lab.lab_inventory(tmp_path / "lab.yaml", SUBNET_MEM, hosts)
     base = {"rounds": 1, "model.max_length": 256, "train.batch_size": 16, "train.local_steps": 2}
     state = lab.up(lab.lab_spec(inv, f"{NAME}m", str(tmp_path / "lab")))
     try:
@@ -128,12 +114,12 @@ def test_a_memory_limited_host_gets_a_plan_that_fits_while_fedlora_is_killed_by_
     out, proc = runs["legend"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["failures"] == []
-    depth = {d["device"]: d["layers"] for d in rows(out)[0]["devices"]}
+    depth = {d["device"]: d["layers"] for d in read_rows(out)[0]["devices"]}
     assert depth["tight"] < depth["roomy"] == 8, depth
     out, proc = runs["droppeft"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["failures"] == []
-    cap = {d["device"]: d.get("max_active") for d in rows(out)[0]["devices"]}
+    cap = {d["device"]: d.get("max_active") for d in read_rows(out)[0]["devices"]}
     assert cap["roomy"] is None and 0 < cap["tight"] < 8, cap
     out, proc = runs["fedlora"]
     assert proc.returncode == 0, proc.stderr[-3000:]  # the run finished, without the killed host

@@ -12,8 +12,7 @@ from launch import lab
 from testbed.comm.join import memory_from_dict
 from testbed.comm.wire import WireError
 from testbed.measure.memory import MemoryMeasure
-from tests.conftest import ROOT
-from tests.test_lab import lab_test
+from tests.helpers import ROOT, lab_test
 
 
 def test_the_budget_keeps_the_estimated_peak_inside_the_limit_with_a_margin():
@@ -36,7 +35,7 @@ def test_a_malformed_memory_report_is_refused_naming_its_rank(raw):
 
 PROBE = """
 import json, sys
-from testbed.memory import memory_limit_mb, oom_kills
+from testbed.measure.memory import memory_limit_mb, oom_kills
 if sys.argv[1] == "grow":
     hog = [bytearray(1 << 20) for _ in range(400)]  # past the limit: the OOM killer ends it here
 print(json.dumps([memory_limit_mb(), oom_kills()]))

@@ -2,35 +2,14 @@
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModelForSequenceClassification, BertConfig,
-                          DistilBertConfig, GPT2Config, LlamaConfig,
-                          Qwen2Config, RobertaConfig)
 
 from testbed.core.config import LoraConfig
+from testbed.core.errors import TestbedError
 from testbed.model.info import model_info
 from testbed.model.layers import running_layers
-from testbed.model.load import wrap_model
 from testbed.model.lora import (get_head, get_lora, init_lora, lora_applied,
                                 set_head, set_lora)
-
-SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-FAMILIES = {
-    "bert": (BertConfig(num_hidden_layers=3, **SMALL), "bert.encoder.layer"),
-    "roberta": (RobertaConfig(num_hidden_layers=3, pad_token_id=1, **SMALL), "roberta.encoder.layer"),
-    "distilbert": (DistilBertConfig(n_layers=3, dim=32, n_heads=2, hidden_dim=64, vocab_size=100),
-                   "distilbert.transformer.layer"),
-    "llama": (LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **SMALL), "model.layers"),
-    "qwen2": (Qwen2Config(num_hidden_layers=3, num_key_value_heads=2, pad_token_id=0, **SMALL), "model.layers"),
-    "gpt2": (GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100, pad_token_id=0), "transformer.h"),
-}
-
-
-def build(family: str):
-    cfg, path = FAMILIES[family]
-    cfg.num_labels = 3
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg)
-    return wrap_model(model, None, LoraConfig(rank=4, alpha=8)), path
+from tests.helpers import FAMILIES, build
 
 
 def batch():
@@ -88,11 +67,11 @@ def test_state_that_does_not_fit_the_plan_is_refused():
     bb, _ = build("bert")
     info = model_info(bb)
     with lora_applied(bb, {0: 4, 1: 4, 2: 4}, LoraConfig(rank=4, alpha=8)) as model:
-        with pytest.raises(Exception, match="lacks"):
+        with pytest.raises(TestbedError, match="lacks"):
             set_lora(bb, model, init_lora(info, [0, 1], 4, seed=0))  # layer 2 missing
         bad = init_lora(info, [0, 1, 2], 4, seed=0)
         bad[2]["nonexistent.A"] = torch.zeros(4, 32)
-        with pytest.raises(Exception, match="does not fit"):
+        with pytest.raises(TestbedError, match="does not fit"):
             set_lora(bb, model, bad)
 
 

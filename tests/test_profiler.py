@@ -8,7 +8,7 @@ from testbed.core.errors import TestbedError
 from testbed.measure.profiler import load_profile, profile_device
 from testbed.model.info import model_info
 from testbed.server.costmodel import at_rank
-from tests.test_model import build
+from tests.helpers import build
 
 
 @pytest.fixture(scope="module")

@@ -11,27 +11,9 @@ import yaml
 
 from testbed.core.config import from_dict, load_config
 from testbed.experiments.run import run_inprocess
-from tests.conftest import ROOT, tiny_config
-
-MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb")  # what the process measured, not what the run computed
-
-
-def strip_wall(obj):
-    if isinstance(obj, dict):
-        return {k: strip_wall(v) for k, v in obj.items() if not k.endswith(MEASURED)}
-    if isinstance(obj, list):
-        return [strip_wall(v) for v in obj]
-    return obj
-
-
-def cli(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
-
-
-def read_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from testbed.experiments.runs import read_rows, strip_wall
+from testbed.model.tiny import tiny_config
+from tests.helpers import ROOT, cli
 
 
 def test_run_writes_config_metrics_and_summary(tiny_bert, tmp_path):

@@ -8,10 +8,10 @@ from testbed.core.config import from_dict
 from testbed.core.plan import Plan
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
+from testbed.model.tiny import tiny_config
 from testbed.server.loop import make_strategy
 from testbed.server.strategies.hetlora import pow2_floor
 from testbed.server.strategies.legend import rank_distribution
-from tests.conftest import tiny_config
 
 
 @pytest.mark.parametrize("depth", range(1, 7))

@@ -13,15 +13,13 @@ from testbed.core.config import load_config
 from testbed.core.plan import Plan
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
-from tests.conftest import ROOT
+from tests.helpers import AG_NEWS, ROOT
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from tests.conftest import AG_NEWS
-
     if not (AG_NEWS / "train.csv").is_file():
         pytest.skip(f"the AG News sample is not at {AG_NEWS}")
     out = tmp_path_factory.mktemp("study")

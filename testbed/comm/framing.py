@@ -8,12 +8,14 @@ import torch.distributed as dist
 
 from testbed.comm.wire import WireError
 
+LENGTH_PREFIX = 8  # bytes: the int64 sent before each message
 MAX_MESSAGE = 1 << 31  # bytes; anything longer is refused before allocating it
 
 def send_bytes(buf: memoryview, dst: int) -> int:
+    """Send one message to `dst`; the bytes it took on the stream."""
     dist.send(torch.tensor([len(buf)], dtype=torch.int64), dst)
     dist.send(torch.frombuffer(buf, dtype=torch.uint8), dst)
-    return len(buf) + 8
+    return LENGTH_PREFIX + len(buf)
 
 def recv_bytes(src: int, wait_s: float = 0.0) -> memoryview:
     """The next message from `src`; `wait_s`: how long its start may take (0: the process

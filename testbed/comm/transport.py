@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from testbed.comm.framing import LENGTH_PREFIX
 from testbed.comm.wire import (pack, plan_message, read_plan, read_update,
                                unpack, update_message)
 from testbed.core.errors import OutOfMemory, TestbedError
@@ -85,8 +86,8 @@ class InProcess:
                 continue
             up = pack(update_message(trained, round), self.key, self.dtype)
             update = read_update(unpack(up, self.key), self.dtype)
-            update.report.bytes_down = len(down) + 8  # + the length prefix a stream transport adds
-            update.report.bytes_up = len(up) + 8
+            update.report.bytes_down = LENGTH_PREFIX + len(down)  # as a stream transport sends them
+            update.report.bytes_up = LENGTH_PREFIX + len(up)
             result.updates[device] = update
         return result
 

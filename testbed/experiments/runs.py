@@ -56,6 +56,25 @@ def load_run(path: Path) -> Run:
     return Run(path, load_config(path / "config.yaml"), rows, summary)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows a run directory holds so far: none before its first round is logged."""
+    metrics = path / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
+MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb")  # what the process measured, not what the run computed
+
+
+def strip_wall(obj):
+    """Rows or a summary without the keys of what the process measured (wall time, peak memory):
+    what two runs of one config on the modelled clock agree on, byte for byte."""
+    if isinstance(obj, dict):
+        return {k: strip_wall(v) for k, v in obj.items() if not k.endswith(MEASURED)}
+    if isinstance(obj, list):
+        return [strip_wall(v) for v in obj]
+    return obj
+
+
 # Labels.
 
 def method_label(cfg: ExperimentConfig) -> str:

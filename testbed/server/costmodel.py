@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from testbed.comm.framing import LENGTH_PREFIX
 from testbed.comm.wire import packed_size, plan_message, update_message
 from testbed.core.devices import Device
 from testbed.core.plan import (BOTH, HeadState, LayerProbe, LoraState, Plan,
@@ -50,7 +51,6 @@ def at_rank(by_rank: dict[int, list[float]], rank: int, layer: int) -> float:
             w = (rank - lo) / (hi - lo)
             return (1 - w) * by_rank[lo][layer] + w * by_rank[hi][layer]
     return by_rank[ranks[-1]][layer]
-LENGTH_PREFIX = 8  # what a stream transport adds in front of each message
 
 
 @dataclass

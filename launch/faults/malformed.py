@@ -2,27 +2,28 @@
 
 Two processes join a torch.distributed group.  For every case, rank 0 runs one round of a
 `DistTransport` (send the plan, receive the reply, check it) and hands what it accepted to
-update admission (`testbed.checks.admit`), exactly as the aggregator does; rank 1 answers
-the plan with the case's reply.  Rank 0 prints one JSON line per case:
+update admission (`testbed.server.admission.admit`), exactly as the aggregator does; rank 1
+answers the plan with the case's reply.  Rank 0 prints one JSON line per case:
 `{"case", "stage", "rejected", "reason"}`, where `stage` says which check should refuse it
 (`wire`: the transport; `admission`: the update checks).  The first case, `control`, is an
 honest update: it must be admitted, or the harness would prove nothing.
 
-    python -m tests.malformed       # both ranks, from the project root; run_corpus() does it
+    python -m launch.faults.malformed       # each rank, as run_corpus() starts them
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from launch.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]  # where `launch` and `testbed` are
 KEY = b"corpus-key-" + b"k" * 21
 ROUND = 3
 SAMPLES = 10
@@ -155,7 +156,7 @@ def receiver() -> None:
     plan, info = plan_and_info()
     for i, (case, stage) in enumerate(CASES):
         transport = DistTransport(["d0"], 1, KEY, torch.float32, deadline_s=30)
-        transport.seq[1] = 10 * i  # one growing stream, as in a run
+        transport.ranks[1].seq = 10 * i  # one growing stream, as in a run
         result = transport.run_round(ROUND, {"d0": Job(plan, {}, head())})
         admitted = admit(ROUND, {"d0": plan}, result, info, head(), {"d0": SAMPLES})
         reason = result.failures[0].detail if result.failures else ""
@@ -180,12 +181,9 @@ def rogue() -> None:
 
 def run_corpus(timeout: float = 180) -> tuple[list[dict], str]:
     """Run both ranks; return rank 0's case lines and its log."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.malformed"], env={**env, "RANK": str(r)}, cwd=ROOT,
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port("127.0.0.1")), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.faults.malformed"], env={**env, "RANK": str(r)}, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=timeout) for p in procs]
     if procs[0].returncode:

@@ -1,6 +1,6 @@
 """Hypothesis strategies for the config and inventory parsers, and what a clear outcome is:
 a result, or a TestbedError of one line (naming the file, for inventories).  Shared by the
-fuzz tests and bench/faults.py."""
+fuzz tests and bench/faults.py; needs hypothesis (the `test` extra)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,36 +1,34 @@
-"""Fault injection into a running job: find a rank's processes, wait for rounds, kill the job."""
+"""Fault injection into a running job: find a rank's processes, wait for a moment, kill the job."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def mpi_processes() -> Iterator[tuple[int, bytes, bytes]]:
+    """(pid, command line, environment) of each `launch.mpi` process on this machine."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"launch.mpi" in cmd:
+            yield int(pid), cmd, env
 
 
 def rank_pids(rank: int) -> list[int]:
     """The processes of one rank of a `launch.mpi` job under Open MPI."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"launch.mpi" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
-            found.append(int(pid))
-    return found
+    return [pid for pid, _, env in mpi_processes() if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env.split(b"\0")]
 
 
-def rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
-
-
-def wait_for(what: str, ready, proc: subprocess.Popen, timeout: float = 120):
+def wait_for(what: str, ready: Callable[[], T], proc: subprocess.Popen, timeout: float = 120) -> T:
     """Poll `ready()` until it returns something true; fail if the job ends or time runs out."""
     deadline = time.monotonic() + timeout
     while not (found := ready()):
