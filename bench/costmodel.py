@@ -35,7 +35,7 @@ from testbed.core.devices import CLASSES, Device  # noqa: E402
 from testbed.core.plan import Plan  # noqa: E402
 from testbed.data import load_splits, tokenize  # noqa: E402
 from testbed.measure.activations import measure_activations
-from testbed.measure.memory import MB
+from testbed.measure.memory import MIB
 from testbed.measure.profiler import load_profile, profile_device  # noqa: E402
 from testbed.model.info import model_info
 from testbed.model.load import load_backbone
@@ -96,7 +96,7 @@ class Bench:
                 "max_drop": max(plan.drop.values(), default=0.0), "steps": steps,
                 "step_s": timed.step_s, "predicted_s": cost.step_seconds(REFERENCE, plan),
                 "footprint_mb": max(timed.footprint_mb, peak.footprint_mb),
-                "predicted_mb": cost.peak_memory_bytes(REFERENCE, plan) / MB}
+                "predicted_mb": cost.peak_memory_bytes(REFERENCE, plan) / MIB}
 
 
 def rel(measured: float, predicted: float) -> float:
@@ -127,7 +127,7 @@ def main() -> None:
         print(f"plan {i + 1:>2}/{plans}: L={seq_len:<3} b={plan.batch_size:<2} layers={row['layers']} "
               f"lora={row['lora_layers']} ranks={row['ranks']} drop<={row['max_drop']}  "
               f"step {row['step_s']:.3f} s vs {row['predicted_s']:.3f} ({100 * row['time_error']:.1f} %)  "
-              f"footprint {row['footprint_mb']:.1f} MB vs {row['predicted_mb']:.1f} "
+              f"footprint {row['footprint_mb']:.1f} MiB vs {row['predicted_mb']:.1f} "
               f"({100 * row['memory_error']:.1f} %)", file=sys.stderr)
     scaling = []
     for k in range(1, bench.info.num_layers + 1):

@@ -625,7 +625,7 @@ def cpu_quota(d: Path) -> str:
 
 def memory_limit(d: Path) -> str:
     try:
-        return f"{int((d / 'memory.limit_in_bytes').read_text()) / 2**20:.0f} MB"
+        return f"{int((d / 'memory.limit_in_bytes').read_text()) / 2**20:.0f} MiB"
     except OSError:
         return "(no cgroup)"
 

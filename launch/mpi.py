@@ -141,8 +141,8 @@ def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> No
                  f"{speed:.2f}x the reference," if speed else "not profiled,", j.bandwidth_mbit, j.latency_ms)
         budget = j.memory.budget_mb() if j.memory else None
         if budget is not None:  # real memory binds on either clock: a plan past it is killed
-            log.info("rank %d: memory limit %.0f MB, %.0f MB in use at join, %.0f MB at its profiled step "
-                     "(%.0f MB counted): training budget %.0f MB counted", rank, j.memory.limit_mb, j.memory.base_mb,
+            log.info("rank %d: memory limit %.0f MiB, %.0f MiB in use at join, %.0f MiB at its profiled step "
+                     "(%.0f MiB counted): training budget %.0f MiB counted", rank, j.memory.limit_mb, j.memory.base_mb,
                      j.memory.peak_mb, j.memory.counted_mb, budget)
             for name in j.devices:
                 exp.devices[name].memory_mb = min(exp.devices[name].memory_mb, budget)

@@ -4,7 +4,7 @@
 
     check MODULE...           the interpreter's version and the modules it cannot find, as JSON
     venv DIR                  a venv at DIR that sees this interpreter's packages (kept if made)
-    memory RUN_DIR            [OOM kills so far, memory limit in MB] of the cgroup ranks start in
+    memory RUN_DIR            [OOM kills so far, memory limit in MiB] of the cgroup ranks start in
     port RUN_DIR              a free TCP port on this host
     stop RUN_DIR GRACE_S      stop the rank whose process group RUN_DIR/rank.pid names: SIGTERM,
                               then SIGKILL after GRACE_S; says `stopped` or `still running`

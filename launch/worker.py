@@ -17,7 +17,7 @@ from testbed.core.config import ExperimentConfig
 from testbed.core.errors import OutOfMemory, TestbedError
 from testbed.core.plan import Job
 from testbed.experiments.setup import setup
-from testbed.measure.memory import (MB, MemoryMeasure, memory_limit_mb,
+from testbed.measure.memory import (MIB, MemoryMeasure, memory_limit_mb,
                                     peak_rss_mb, reset_peak_rss, rss_mb)
 from testbed.measure.profiler import profile_device
 from testbed.model.residency import hold
@@ -69,10 +69,10 @@ def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
         batch = profile_batch(cfg, exp, memory)
         reset_peak_rss()
         profile = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, batch, cfg.model.max_length)
-        memory = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=profile.step_footprint_bytes() / MB,
-                                     other_mb=profile.other_bytes / MB)
+        memory = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=profile.step_footprint_bytes() / MIB,
+                                     other_mb=profile.other_bytes / MIB)
         hold(exp.bb, [])
-        log.info("profiled this device in %.1f s (batch %d); memory limit %.0f MB, %.0f MB in use before",
+        log.info("profiled this device in %.1f s (batch %d); memory limit %.0f MiB, %.0f MiB in use before",
                  time.perf_counter() - start, batch, memory.limit_mb, memory.base_mb)
     send_hello(Hello(profile, memory), key)
     echo_probes(patience_s(cfg))
@@ -87,9 +87,9 @@ def profile_batch(cfg: ExperimentConfig, exp: Experiment, memory: MemoryMeasure)
         return batch
     reset_peak_rss()
     probe = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, 2, cfg.model.max_length, repeats=1)
-    small = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=probe.step_footprint_bytes() / MB,
-                                other_mb=probe.other_bytes / MB)
+    small = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=probe.step_footprint_bytes() / MIB,
+                                other_mb=probe.other_bytes / MIB)
     budget = small.budget_mb()
-    while budget is not None and batch > 2 and probe.step_footprint_bytes(batch) / MB > budget:
+    while budget is not None and batch > 2 and probe.step_footprint_bytes(batch) / MIB > budget:
         batch //= 2
     return batch

@@ -49,7 +49,7 @@ def test_a_plan_over_budget_fails_with_a_recorded_oom(tiny_bert, tmp_path):
     cfg = from_dict(tiny_config(tiny_bert, devices={"laptop": 1, "jetson-tx2": {"count": 1, "memory_mb": 1}}))
     summary = run_inprocess(cfg, tmp_path, quiet=True)
     assert [(f["device"], f["kind"]) for f in summary["failures"]] == [("jetson-tx2-0", "oom")] * 2
-    assert "budget is 1 MB" in summary["failures"][0]["detail"]
+    assert "budget is 1 MiB" in summary["failures"][0]["detail"]
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all([d["device"] for d in r["devices"]] == ["laptop-0"] for r in rows)
     assert summary["final_accuracy"] is not None

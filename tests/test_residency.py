@@ -6,7 +6,7 @@ from testbed.agent.trainer import train_plan
 from testbed.core.config import LoraConfig, ModelConfig, TrainConfig
 from testbed.core.plan import Plan
 from testbed.data import Tokens
-from testbed.measure.memory import MB, rss_mb
+from testbed.measure.memory import MIB, rss_mb
 from testbed.model.info import model_info
 from testbed.model.layers import running_layers
 from testbed.model.load import load_backbone
@@ -22,7 +22,7 @@ def resident(bb) -> dict[int, list[str]]:
 def test_held_layers_are_exactly_the_checkpoints_and_released_layers_leave_rss(tiny_llama):
     cfg = ModelConfig(name=tiny_llama)
     lazy = load_backbone(cfg, 4, seed=0, resident=False)
-    layer_mb = model_info(lazy).layer_params * 4 / MB
+    layer_mb = model_info(lazy).layer_params * 4 / MIB
     assert all(children == [] for children in resident(lazy).values())
     release_freed()  # what loading freed goes back first, or new layers would reuse it unseen
     before = rss_mb()

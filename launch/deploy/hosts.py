@@ -31,7 +31,7 @@ class Session:
     python: str
     base: str  # absolute {testbed_workdir}/{host}
     run_dir: str = ""  # base/{run name}, once made
-    memory: tuple[int, float] | None = None  # OOM kills so far and memory limit (MB) as its rank sees them
+    memory: tuple[int, float] | None = None  # OOM kills so far and memory limit (MiB) as its rank sees them
 
 
 def host_command(client: paramiko.SSHClient, python: str, command: str, args: list[str],

@@ -125,7 +125,7 @@ class RemoteRank(Rank):
         now = memory_state(s) if s.memory else None
         if now is None or now[0] <= s.memory[0]:
             return ""
-        return f"the kernel's OOM killer fired in its memory cgroup (limit {now[1]:.0f} MB)"
+        return f"the kernel's OOM killer fired in its memory cgroup (limit {now[1]:.0f} MiB)"
 
 
 def die_with_parent() -> None:

@@ -91,7 +91,7 @@ def run_deployed(opts: DeployOptions, cfg: ExperimentConfig, sessions: dict[str,
 
         pushed = parallel(prepare, list(sessions.values()))
         print(f"testbed: pushed the project and {len(files)} named files to {len(sessions)} hosts "
-              f"({sum(pushed) / 1e6:.1f} MB, {time.monotonic() - start:.1f} s)", file=sys.stderr)
+              f"({sum(pushed) / 2**20:.1f} MiB, {time.monotonic() - start:.1f} s)", file=sys.stderr)
         env = rendezvous_env(cfg, aggregator, agents)
         log = opts.out / "aggregator.log"
         if aggregator:

@@ -11,7 +11,7 @@ from testbed.core.config import LoraConfig, TrainConfig
 from testbed.core.errors import OutOfMemory, TestbedError
 from testbed.core.plan import BOTH, HeadState, LoraState, Plan
 from testbed.data import Tokens
-from testbed.measure.memory import MB, SavedTensorCounter, training_footprint
+from testbed.measure.memory import MIB, SavedTensorCounter, training_footprint
 from testbed.model.backbone import Backbone
 from testbed.model.layers import running_layers
 from testbed.model.lora import (freeze_lora, get_head, get_lora, lora_applied,
@@ -83,13 +83,13 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
                 active_steps[l] += 1
             losses.append(loss.item())
             saved.append(counter.bytes)
-            if budget_mb and (fixed + counter.bytes) / MB > budget_mb:
-                raise OutOfMemory(f"training needs {(fixed + counter.bytes) / MB:.1f} MB, "
-                                  f"the budget is {budget_mb:g} MB")
+            if budget_mb and (fixed + counter.bytes) / MIB > budget_mb:
+                raise OutOfMemory(f"training needs {(fixed + counter.bytes) / MIB:.1f} MiB, "
+                                  f"the budget is {budget_mb:g} MiB")
             times.append(time.perf_counter() - t0)
         compute_s = time.perf_counter() - start
         trained = get_lora(bb, model) if any(ranks.values()) else {}
         result = TrainResult(trained, get_head(bb), active_steps, statistics.fmean(losses),
-                             compute_s, statistics.median(times), (fixed + max(saved)) / MB,
-                             (fixed + statistics.fmean(saved)) / MB)
+                             compute_s, statistics.median(times), (fixed + max(saved)) / MIB,
+                             (fixed + statistics.fmean(saved)) / MIB)
     return result

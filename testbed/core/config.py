@@ -92,7 +92,7 @@ class DeviceSpec:
     names one device (`testbed deploy` names devices after hosts this way)."""
 
     count: int = option(1, lo=1, doc="devices of this class")
-    memory_mb: float = option(0.0, lo=0, doc="training memory budget; 0 = the class default")
+    memory_mb: float = option(0.0, lo=0, doc="training memory budget in MiB; 0 = the class default")
     speed: float = option(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
     device_class: str = option("", doc="set: the key names one device (a host), of this class")
 

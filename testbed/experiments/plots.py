@@ -17,11 +17,11 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from testbed.core.devices import CLASSES  # noqa: E402
+from testbed.measure.memory import MIB
 
 if TYPE_CHECKING:
     from testbed.experiments.runs import Group
 
-MB = 1e6
 LINES = ["-", "--", "-.", ":"]
 
 
@@ -106,7 +106,7 @@ def memory(ax, groups: list[Group], colors: dict, baseline: str) -> None:
 
 def traffic(ax, groups: list[Group], colors: dict, baseline: str) -> None:
     for i, g in enumerate(groups):
-        up, down = g.stats["bytes_up_per_round"] / MB, g.stats["bytes_down_per_round"] / MB
+        up, down = g.stats["bytes_up_per_round"] / MIB, g.stats["bytes_down_per_round"] / MIB
         ax.bar(i, up, color=colors[g.method])
         ax.bar(i, down, bottom=up, color=colors[g.method], alpha=0.5, hatch="//")
         change = g.stats["vs_baseline"]["per_round_traffic_reduction"]
@@ -114,7 +114,7 @@ def traffic(ax, groups: list[Group], colors: dict, baseline: str) -> None:
         ax.annotate(label, (i, up + down), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
                     fontsize=9)
     _method_ticks(ax, groups)
-    ax.set_ylabel("MB per round")
+    ax.set_ylabel("MiB per round")
     ax.legend(handles=[Patch(color="0.55", label="up (devices to server)"),
                        Patch(facecolor="0.55", alpha=0.5, hatch="//", label="down (server to devices)")], fontsize=8)
     ax.margins(y=0.12)

@@ -16,11 +16,11 @@ import statistics
 from pathlib import Path
 
 from testbed.core.devices import CLASSES
+from testbed.measure.memory import MIB
 from testbed.core.files import atomic_write
 from testbed.experiments.plots import plot_setting
 from testbed.experiments.runs import Group, Run, group_runs, load_run
 
-MB = 1e6  # traffic in decimal megabytes; memory figures are already in MiB (the runs' *_mb keys)
 
 
 def slug(text: str) -> str:
@@ -142,7 +142,7 @@ def _tables(groups: list[Group], baseline: str, has_base: bool) -> list[str]:
     first = groups[0].stats
     target, clock = first["target_accuracy"], first["clock"]
     head = ["method", "seeds", "reached target", f"time to {target:g} ({clock} s)", f"speed-up vs {baseline}",
-            "final accuracy", "best accuracy", "memory reduction", "MB to target", "traffic reduction"]
+            "final accuracy", "best accuracy", "memory reduction", "MiB to target", "traffic reduction"]
     rows = []
     for g in groups:
         s, v = g.stats, g.stats["vs_baseline"]
@@ -152,13 +152,13 @@ def _tables(groups: list[Group], baseline: str, has_base: bool) -> list[str]:
                      "n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x",
                      _pm(s["final_accuracy"], s["final_accuracy_std"], ".4f"), f"{s['best_accuracy']:.4f}",
                      _reduction(v["memory_reduction"]), "n/a" if s["bytes_to_target"] is None
-                     else f"{s['bytes_to_target'] / MB:.1f}", _reduction(v["traffic_reduction"])])
+                     else f"{s['bytes_to_target'] / MIB:.1f}", _reduction(v["traffic_reduction"])])
     classes = sorted({c for g in groups for c in g.stats["peak_train_mem_mb_by_class"]}, key=list(CLASSES).index)
     head2 = ["method", *(f"{c} footprint (MiB)" for c in classes), "process peak RSS (MiB)",
-             "MB up / round", "MB down / round", "per-round traffic reduction", "failures"]
+             "MiB up / round", "MiB down / round", "per-round traffic reduction", "failures"]
     rows2 = [[f"`{g.method}`", *(f"{g.stats['peak_train_mem_mb_by_class'].get(c, 0.0):.1f}" for c in classes),
-              f"{g.stats['peak_rss_mb']:.0f}", f"{g.stats['bytes_up_per_round'] / MB:.2f}",
-              f"{g.stats['bytes_down_per_round'] / MB:.2f}",
+              f"{g.stats['peak_rss_mb']:.0f}", f"{g.stats['bytes_up_per_round'] / MIB:.2f}",
+              f"{g.stats['bytes_down_per_round'] / MIB:.2f}",
               _reduction(g.stats["vs_baseline"]["per_round_traffic_reduction"]), str(g.stats["failures"])]
              for g in groups]
     missing = [] if has_base else ["", f"No `{baseline}` runs in this setting: no ratios."]
@@ -187,7 +187,7 @@ def _notes(baseline: str) -> list[str]:
             "of the process that ran the devices: in-process runs share one process, and the cells of a "
             "`testbed compare` study run one after another in one process, so it is an upper bound, not a "
             "per-device figure.",
-            "- *Traffic*: LoRA and head bytes on the wire, all devices, up and down. *MB to target* sums the "
+            "- *Traffic*: LoRA and head bytes on the wire, all devices, up and down. *MiB to target* sums the "
             "rounds up to the one that reached the target; *traffic reduction* compares it with the "
             "baseline's; the per-round figure compares mean bytes per round.",
             "- Accuracy plot: mean over seeds (line) and ± one std (band), on the common clock range of the "

@@ -92,7 +92,7 @@ def split_label(cfg: ExperimentConfig) -> str:
 def mix_label(cfg: ExperimentConfig) -> str:
     parts = []
     for cls, spec in cfg.devices.items():
-        limits = [f"{spec.memory_mb:g} MB" if spec.memory_mb else "", f"speed {spec.speed:g}" if spec.speed else ""]
+        limits = [f"{spec.memory_mb:g} MiB" if spec.memory_mb else "", f"speed {spec.speed:g}" if spec.speed else ""]
         extra = ", ".join(x for x in limits if x)
         parts.append(f"{spec.count} {cls}" + (f" ({extra})" if extra else ""))
     return ", ".join(parts)

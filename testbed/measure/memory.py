@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MB = 1024 * 1024
+MIB = 1 << 20  # every memory (and traffic) figure is in MiB; keys ending in _mb hold MiB
 
 
 class SavedTensorCounter:
@@ -58,7 +58,7 @@ def training_footprint(model: nn.Module, saved_bytes: int, optimizer_states_per_
 
 def peak_cuda_mb() -> float:
     """Peak CUDA memory allocated by torch in this process (0 without CUDA)."""
-    return torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else 0.0
+    return torch.cuda.max_memory_allocated() / MIB if torch.cuda.is_available() else 0.0
 
 
 STATUS = Path("/proc/self/status")
@@ -80,7 +80,7 @@ def peak_rss_mb() -> float:
     if hwm is not None:
         return hwm / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def rss_mb() -> float:
@@ -139,7 +139,7 @@ def memory_limit_mb() -> float:
                         if line.startswith("MemTotal:"))
     except (OSError, StopIteration):
         pass
-    found = [b / MB for b in limits if b and b < UNLIMITED] + ([total_kb / 1024] if total_kb else [])
+    found = [b / MIB for b in limits if b and b < UNLIMITED] + ([total_kb / 1024] if total_kb else [])
     return min(found, default=0.0)
 
 
@@ -164,7 +164,7 @@ def oom_kills() -> int:
 
 @dataclass
 class MemoryMeasure:
-    """What an agent measured of its memory when it joined (MB), and the training budget that
+    """What an agent measured of its memory when it joined (MiB), and the training budget that
     follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
     inside its limit.  Real RSS exceeds the count by the interpreter and libraries (in `base`)
     and by allocator slack and backward's temporaries, which grow with the count; `peak` and

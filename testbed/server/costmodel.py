@@ -34,6 +34,7 @@ from testbed.core.devices import Device
 from testbed.core.plan import (BOTH, HeadState, LayerProbe, LoraState, Plan,
                                Update)
 from testbed.measure.activations import Activations
+from testbed.measure.memory import MIB
 from testbed.measure.profiler import DeviceProfile
 from testbed.model.info import ModelInfo
 
@@ -138,7 +139,7 @@ class CostModel:
         return int((resident + 4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
 
     def fits(self, device: Device, plan: Plan) -> bool:
-        return self.peak_memory_bytes(device, plan) <= device.memory_mb * 1024 * 1024
+        return self.peak_memory_bytes(device, plan) <= device.memory_mb * MIB
 
     def within_memory(self, device: Device, plan: Plan) -> Plan | None:
         """`plan` if it fits; else `plan` with the largest cap on the layers a step runs that fits
