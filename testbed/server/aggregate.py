@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from testbed.core.errors import TestbedError
-from testbed.core.plan import HeadState, LayerState, LoraState
+from testbed.core.plan import HeadState, LayerState, LoraState, Update
 
 
 @dataclass
@@ -48,6 +48,17 @@ class _Factors(NamedTuple):
 
 
 Rule = Callable[[Tensor, Tensor, list[_Factors]], tuple[Tensor, Tensor]]
+
+
+def contributions(updates: list[Update]) -> dict[int, list[Contribution]]:
+    """Per layer: each device's factors, weighted by samples x fraction of steps the layer was active."""
+    per_layer: dict[int, list[Contribution]] = {}
+    for u in updates:
+        for layer, factors in u.lora.items():
+            weight = u.samples * u.active_steps.get(layer, 0) / max(u.steps, 1)
+            if weight > 0:
+                per_layer.setdefault(layer, []).append(Contribution(weight, factors))
+    return per_layer
 
 
 def aggregate(current: LoraState, per_layer: dict[int, list[Contribution]],

@@ -1,4 +1,7 @@
-"""The aggregator's round loop (DESIGN section 4), the same for every transport."""
+"""The aggregator's round loop (DESIGN section 4), the same for every transport.
+
+It owns the global state: each round it asks the strategy for plans, has the transport run them,
+admits the updates, takes the strategy's new state and evaluates it."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,16 +28,16 @@ from testbed.server.strategies import STRATEGIES
 from testbed.server.strategies.base import Context, Strategy
 
 
-def initial_state(exp: Experiment, max_rank: int) -> GlobalState:
-    layers = list(range(exp.info.num_layers))
-    return GlobalState(init_lora(exp.info, layers, max_rank, exp.cfg.seed), get_head(exp.bb))
-
-
 def make_strategy(exp: Experiment) -> Strategy:
     samples = {d: len(s.train) for d, s in exp.data.shards.items()}
     ctx = Context(exp.cfg, exp.info, exp.devices, samples, exp.cost, functools.partial(server_probe, exp))
-    cls = STRATEGIES[exp.cfg.strategy.name]
-    return cls(ctx, initial_state(exp, cls.max_rank(exp.cfg)))
+    return STRATEGIES[exp.cfg.strategy.name](ctx)
+
+
+def initial_state(exp: Experiment, strategy: Strategy) -> GlobalState:
+    """Every layer's LoRA at the strategy's maximum rank, and the model's head."""
+    layers = list(range(exp.info.num_layers))
+    return GlobalState(init_lora(exp.info, layers, strategy.max_rank(exp.cfg), exp.cfg.seed), get_head(exp.bb))
 
 
 def server_probe(exp: Experiment, state: GlobalState, rows: int, blocks: bool) -> LayerProbe:
@@ -55,6 +58,7 @@ class RoundLoop:
         self.cfg = exp.cfg
         self.transport = transport
         self.strategy = make_strategy(exp)
+        self.state = initial_state(exp, self.strategy)
         self.quiet = quiet
         self.first_round = 0
         self.clock_s = 0.0
@@ -69,9 +73,8 @@ class RoundLoop:
 
     def checkpoint(self, r: int) -> None:
         """Everything the next round depends on, so that a resumed run continues exactly."""
-        state = self.strategy.state
         self.log.checkpoint({
-            "round": r, "lora": state.lora, "head": state.head, "strategy": self.strategy.state_dict(),
+            "round": r, "lora": self.state.lora, "head": self.state.head, "strategy": self.strategy.state_dict(),
             "clock_s": self.clock_s, "wall_s": self.wall_s, "rows": self.log.rows, "devices": self.devices,
             "failures": self.failures, "transport": self.transport.state_dict(),
             "device_state": {n: dataclasses.asdict(d) for n, d in self.exp.devices.items()},
@@ -79,8 +82,7 @@ class RoundLoop:
 
     def restore(self, c: dict) -> None:
         self.first_round = c["round"] + 1
-        state = self.strategy.state
-        state.lora, state.head, state.round = c["lora"], c["head"], c["round"] + 1
+        self.state = GlobalState(c["lora"], c["head"])
         self.strategy.load_state_dict(c["strategy"])
         self.clock_s, self.wall_s, self.devices, self.failures = c["clock_s"], c["wall_s"], c["devices"], c["failures"]
         self.transport.load_state_dict(c["transport"])
@@ -119,17 +121,15 @@ class RoundLoop:
 
     def round(self, r: int) -> dict:
         start = time.perf_counter()
-        state, strategy = self.strategy.state, self.strategy
-        plans = strategy.plan(r, self.transport.available(list(self.exp.devices)))
+        state, strategy = self.state, self.strategy
+        plans = strategy.plan(r, self.transport.available(list(self.exp.devices)), state)
         jobs = {d: Job(p, state.downlink(p, self.exp.info.num_layers), state.head) for d, p in plans.items()}
         sent = time.perf_counter()
         result = self.transport.run_round(r, jobs)
         train_wall = time.perf_counter() - sent
         updates = admit(r, plans, result, self.exp.info, state.head,
                         {d: len(s.train) for d, s in self.exp.data.shards.items()})
-        if updates:
-            strategy.aggregate(r, updates)
-        state.round = r + 1
+        self.state = strategy.aggregate(r, updates, result.failures, state)
         self.failures += [dataclasses.asdict(f) for f in result.failures]
         evaluated = time.perf_counter()
         metrics = self.evaluate(r)
@@ -165,8 +165,7 @@ class RoundLoop:
     def evaluate(self, r: int) -> dict:
         if (r + 1) % self.cfg.eval_every and r + 1 != self.cfg.rounds:
             return {}
-        state = self.strategy.state
-        return evaluate(self.exp.bb, state.lora, state.head, self.exp.data.test, self.cfg.model.lora,
+        return evaluate(self.exp.bb, self.state.lora, self.state.head, self.exp.data.test, self.cfg.model.lora,
                         self.cfg.train.eval_batch_size)
 
     def device_record(self, plan, u) -> dict:
