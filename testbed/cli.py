@@ -105,9 +105,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_same_experiment(cfg, out / "config.yaml")
         if args.launcher == "mpi":  # refused before mpirun starts, if agents would lack what they held
             from testbed.comm.distributed import check_resumable
-            from testbed.server.recorder import load_checkpoint
+            from testbed.server.checkpoint import load_checkpoint
 
-            check_resumable(load_checkpoint(out)["transport"])
+            check_resumable(load_checkpoint(out).transport)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"

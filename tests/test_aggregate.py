@@ -31,14 +31,6 @@ def weighted_product(contribs: list[Contribution]) -> torch.Tensor:
     return sum(c.weight * c.factors["q.B"] @ c.factors["q.A"] for c in contribs) / total
 
 
-def test_stack_reproduces_the_weighted_sum_of_products(gen):
-    contribs = [Contribution(w, factors(gen, r)) for w, r in [(1.0, 2), (3.0, 3), (0.5, 4)]]
-    out = aggregate_layer(factors(gen, 4), contribs, "stack")
-    assert out["q.A"].shape == (9, IN) and out["q.B"].shape == (OUT, 9)
-    expected = weighted_product(contribs)
-    torch.testing.assert_close(out["q.B"] @ out["q.A"], expected, atol=1e-6, rtol=1e-6)
-
-
 def test_flexlora_slices_are_best_low_rank_approximations(gen):
     R = 4
     contribs = [Contribution(w, factors(gen, r)) for w, r in [(2.0, 1), (1.0, 3), (1.0, 4)]]
@@ -95,7 +87,7 @@ def test_zero_weight_devices_change_nothing(gen):
     idle = Contribution(0.0, {"q.A": full(1e6, 2, IN), "q.B": full(1e6, OUT, 2)})  # other rank too
     alone = aggregate_layer(current, [trained], "fedavg")
     torch.testing.assert_close(aggregate_layer(current, [trained, idle], "fedavg"), alone)
-    for method in ("fedavg", "pad", "hetlora", "flexlora", "stack"):
+    for method in ("fedavg", "pad", "hetlora", "flexlora"):
         torch.testing.assert_close(aggregate_layer(current, [idle], method), current)
 
 
@@ -123,14 +115,14 @@ def test_hetlora_falls_back_to_plain_weights_when_every_product_is_zero():
 def test_modules_a_device_did_not_send_keep_their_value(gen):
     current = {**factors(gen, 4, "q"), **factors(gen, 4, "v")}
     sent = factors(gen, 4, "q")
-    for method in ("fedavg", "pad", "hetlora", "flexlora", "stack"):
+    for method in ("fedavg", "pad", "hetlora", "flexlora"):
         out = aggregate_layer(current, [Contribution(1.0, sent)], method)
         torch.testing.assert_close(out["v.A"], current["v.A"])
         torch.testing.assert_close(out["v.B"], current["v.B"])
         assert not torch.allclose(out["q.B"] @ out["q.A"], current["q.B"] @ current["q.A"])
 
 
-@pytest.mark.parametrize("method", ["fedavg", "pad", "hetlora", "flexlora", "stack"])
+@pytest.mark.parametrize("method", ["fedavg", "pad", "hetlora", "flexlora"])
 def test_inputs_are_not_mutated_and_results_share_no_storage(gen, method):
     current = {**factors(gen, 4, "q"), **factors(gen, 4, "v")}
     contribs = [Contribution(1.0, factors(gen, 4, "q")), Contribution(2.0, factors(gen, 4, "q"))]

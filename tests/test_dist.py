@@ -26,6 +26,7 @@ from testbed.model.info import model_info
 from testbed.model.load import load_backbone
 from testbed.model.tiny import tiny_config
 from testbed.server.loop import make_strategy
+from testbed.server.strategies.legend import candidates
 from tests.helpers import ENV, ROOT, write_config
 
 pytestmark = pytest.mark.dist
@@ -338,7 +339,7 @@ def test_adaptive_plans_run_over_mpirun_as_in_process(tiny_bert, tmp_path):
                                               "devices": {"laptop": 1, "jetson-tx2": 1}})
     exp = setup(from_dict(raw))
     tx2 = exp.devices["jetson-tx2-0"]
-    whole = min(exp.cost.peak_memory_bytes(tx2, c) for c in make_strategy(exp).candidates())
+    whole = min(exp.cost.peak_memory_bytes(tx2, c) for c in candidates(make_strategy(exp).ctx))
     raw["devices"]["jetson-tx2"] = {"count": 1, "memory_mb": (whole - 2**14) / 2**20}  # too little for both layers
     proc = mpirun(write_config(tmp_path, raw), tmp_path / "mpi", agents=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,14 +10,14 @@ from testbed.core.config import LoraConfig, ModelConfig, TrainConfig, from_dict
 from testbed.core.errors import TestbedError
 from testbed.core.plan import Plan
 from testbed.data import Split, tokenize
-from testbed.experiments.run import run_inprocess
 from testbed.experiments import setup as experiment_setup
+from testbed.experiments.run import run_inprocess
 from testbed.model.info import model_info
 from testbed.model.load import load_backbone
 from testbed.model.lora import init_lora
 from testbed.model.tiny import save_tiny_bert, tiny_config
 from testbed.server.bandit import Bandit
-from testbed.server.loop import make_strategy
+from testbed.server.loop import initial_state, make_strategy
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +140,11 @@ def test_only_dropout_that_shortens_the_round_is_run(tiny_bert, straggler):
                                     "train.local_steps": 5000, "devices": {"agx-orin": 1, "jetson-tx2": 1}})
     exp = experiment_setup.setup(from_dict(raw))
     strategy = make_strategy(exp)
+    state = initial_state(exp, strategy)
     agx, tx2 = exp.devices["agx-orin-0"], exp.devices["jetson-tx2-0"]
     drops = []
     for r in range(len(strategy.arms)):  # no feedback: the bandits keep trying untried arms, at random
-        plans = strategy.plan(r, list(exp.devices))
+        plans = strategy.plan(r, list(exp.devices), state)
         assert strategy.arms.index(plans["jetson-tx2-0"].drop) == strategy.chosen["jetson-tx2-0"]
         drops.append(sum(plans["agx-orin-0"].drop.values()))
         # the AGX Orin finishes long before the TX2 at any arm: its dropout would buy nothing

@@ -13,7 +13,7 @@ from testbed.measure.probe import linear_cka
 from testbed.model.lora import get_head
 from testbed.model.tiny import tiny_config
 from testbed.server.admission import check_update
-from testbed.server.loop import make_strategy
+from testbed.server.loop import initial_state, make_strategy
 from testbed.server.strategies.fedpruner import (contiguous_groups,
                                                  graph_groups, mean_probe)
 
@@ -90,7 +90,8 @@ def test_fine_plans_keep_blocks_and_layers_are_averaged_where_their_attention_ra
     cfg = from_dict(raw)
     exp = setup(cfg)
     strategy = make_strategy(exp)
-    plans = strategy.plan(0, list(exp.devices))  # what the run will plan: same seed, same probe
+    state = initial_state(exp, strategy)
+    plans = strategy.plan(0, list(exp.devices), state)  # what the run will plan: same seed, same probe
     assert units_of(plans["laptop-0"]) == 4 and plans["laptop-0"].blocks == {}
     for name in ("jetson-tx2-0", "jetson-tx2-1"):
         plan = plans[name]
@@ -101,16 +102,16 @@ def test_fine_plans_keep_blocks_and_layers_are_averaged_where_their_attention_ra
     updates, head = [], get_head(exp.bb)
     for i, (d, plan) in enumerate(plans.items()):
         lora = {l: {n: torch.full_like(t, i + 1.0) for n, t in ts.items()}
-                for l, ts in strategy.state.downlink(plan, 2).items()}
+                for l, ts in state.downlink(plan, 2).items()}
         u = Update(d, 0, lora, head, samples=10 * (i + 1), active_steps=dict.fromkeys(plan.resident(2), 3), steps=3,
                    loss=1.0)
         assert check_update(u, plan, exp.info, head, len(exp.data.shards[d].train)) is None
         updates.append(u)
-    strategy.aggregate(0, updates)
+    state = strategy.aggregate(0, updates, [], state)
     for l in range(2):
         held = [(u.samples, i + 1.0) for i, u in enumerate(updates) if l in u.lora]
         mean = sum(w * v for w, v in held) / sum(w for w, _ in held)
-        assert all(torch.allclose(t, torch.full_like(t, mean)) for t in strategy.state.lora[l].values())
+        assert all(torch.allclose(t, torch.full_like(t, mean)) for t in state.lora[l].values())
     summary = run_inprocess(cfg, tmp_path, quiet=True)
     assert summary["failures"] == []
     devices = {d["device"]: d for d in json.loads((tmp_path / "metrics.jsonl").read_text())["devices"]}
@@ -130,7 +131,8 @@ def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_p
     summary = run_inprocess(cfg, tmp_path, quiet=True)
     assert summary["failures"] == [] and summary["final_accuracy"] is not None
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    plans = make_strategy(exp).plan(0, list(exp.devices))
+    strategy = make_strategy(exp)
+    plans = strategy.plan(0, list(exp.devices), initial_state(exp, strategy))
     for d in rows[0]["devices"]:  # round 0 probes: charged on the modelled clock, sent with the update
         plan, device = plans[d["device"]], exp.devices[d["device"]]
         assert plan.probe_rows == 8 and plan.probe_blocks

@@ -1,17 +1,25 @@
-"""Strategies' plans and their runs on a tiny model."""
+"""Strategies' plans, the aggregate contract, and their runs on a tiny model."""
+import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from testbed.comm.transport import Failure
 from testbed.core.config import from_dict
-from testbed.core.plan import Plan
+from testbed.core.plan import Plan, Update
+from testbed.core.state import GlobalState
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
 from testbed.model.tiny import tiny_config
-from testbed.server.loop import make_strategy
+from testbed.server.admission import check_update
+from testbed.server.loop import initial_state, make_strategy
+from testbed.server.strategies import STRATEGIES
+from testbed.server.strategies.base import base_plan
 from testbed.server.strategies.hetlora import pow2_floor
-from testbed.server.strategies.legend import rank_distribution
+from testbed.server.strategies.legend import (candidates, rank_distribution,
+                                              round_deadline)
 
 
 @pytest.mark.parametrize("depth", range(1, 7))
@@ -83,9 +91,9 @@ def test_legend_gives_each_device_the_most_capacity_that_meets_the_deadline(tiny
                                               "devices": {"agx-orin": 1, "xavier-nx": 1, "jetson-tx2": 1}}))
     exp = setup(cfg)
     strategy = make_strategy(exp)
-    deadline = strategy.deadline(list(exp.devices))
-    plans = strategy.plan(0, list(exp.devices))
-    full = strategy.base_plan(dict.fromkeys(range(2), 8))
+    deadline = round_deadline(strategy.ctx, list(exp.devices))
+    plans = strategy.plan(0, list(exp.devices), initial_state(exp, strategy))
+    full = base_plan(cfg, dict.fromkeys(range(2), 8))
 
     def capacity(p: Plan) -> tuple[int, int]:
         trained = p.trained(2)
@@ -99,7 +107,7 @@ def test_legend_gives_each_device_the_most_capacity_that_meets_the_deadline(tiny
             continue
         shallow += 1
         assert seconds <= deadline
-        richer = [c for c in strategy.candidates() if capacity(c) > capacity(plans[name])]
+        richer = [c for c in candidates(strategy.ctx) if capacity(c) > capacity(plans[name])]
         assert richer and all(exp.cost.round_seconds(device, c) > deadline for c in richer)
     assert shallow == 1  # the TX2 must cut a twentieth of its round
 
@@ -110,8 +118,59 @@ def test_legend_runs_the_global_lora_frozen_below_its_depth(tiny_bert, tmp_path)
                                               "devices": {"agx-orin": 1, "jetson-tx2": 1}}))
     exp = setup(cfg)
     strategy = make_strategy(exp)
-    plans = strategy.plan(0, list(exp.devices))
+    state = initial_state(exp, strategy)
+    plans = strategy.plan(0, list(exp.devices), state)
     shallow = plans["jetson-tx2-0"]
     assert shallow.frozen and set(shallow.frozen) == set(range(min(shallow.trained(2))))
     assert exp.cost.bytes_down(shallow) > exp.cost.bytes_down(Plan(ranks={1: shallow.ranks[1]}))
-    assert sorted(strategy.state.downlink(shallow, 2)) == [0, 1] and shallow.shared(2) == [1]
+    assert sorted(state.downlink(shallow, 2)) == [0, 1] and shallow.shared(2) == [1]
+
+
+def equal(a, b) -> bool:
+    """Deep equality, tensors compared exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and equal(vars(a), vars(b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(equal, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_aggregate_returns_the_new_state_and_changes_none_of_its_inputs(tiny_bert, name):
+    """The round loop owns the global state: a strategy's aggregate leaves the state, the updates
+    and the failures it is given as they were, and returns a new state: each trained layer averaged
+    over the devices that sent it (by samples), and the head averaged over every update."""
+    exp = setup(from_dict(tiny_config(tiny_bert, **{"strategy.name": name})))
+    strategy = make_strategy(exp)
+    state = initial_state(exp, strategy)
+    plans = strategy.plan(0, list(exp.devices), state)
+    updates = []
+    for i, (d, plan) in enumerate(plans.items()):  # device i sends every tensor filled with i + 1
+        lora = {l: {n: torch.full_like(t, i + 1.0) for n, t in ts.items()}
+                for l, ts in state.downlink(plan, 2).items() if l in plan.shared(2)}
+        head = {n: torch.full_like(t, i + 1.0) for n, t in state.head.items()}
+        u = Update(d, 0, lora, head, samples=10 * (i + 1), active_steps=dict.fromkeys(plan.resident(2), 3), steps=3,
+                   loss=1.0)
+        assert check_update(u, plan, exp.info, state.head, len(exp.data.shards[d].train)) is None
+        updates.append(u)
+    failures = [Failure(0, "jetson-tx2-9", "timeout", "no answer")]
+    before = copy.deepcopy((state, updates, failures))
+    new = strategy.aggregate(0, updates, failures, state)
+    assert equal((state, updates, failures), before)
+    assert isinstance(new, GlobalState) and new is not state
+    weights = sum(u.samples for u in updates)
+    head = sum(u.samples * (i + 1.0) for i, u in enumerate(updates)) / weights
+    assert all(torch.allclose(t, torch.full_like(t, head)) for t in new.head.values())
+    for l in range(2):
+        sent = [(u.samples, i + 1.0) for i, u in enumerate(updates) if l in u.lora]
+        if not sent:
+            assert all(torch.equal(new.lora[l][n], t) for n, t in state.lora[l].items())
+        elif strategy.rule() == "fedavg":  # the weighted mean
+            mean = sum(w * v for w, v in sent) / sum(w for w, _ in sent)
+            assert all(torch.allclose(t, torch.full_like(t, mean)) for t in new.lora[l].values())
+        else:  # another rule: at least a changed layer
+            assert any(not torch.equal(new.lora[l][n], t) for n, t in state.lora[l].items())

@@ -16,8 +16,6 @@ receives the slice ``A[:r]``, ``B[:, :r]``.  Methods:
   truncation is the slice it receives.
 - ``flexlora``: SVD of the weighted average of the full products ``B_i A_i``, split so that any
   slice ``A[:r]``, ``B[:, :r]`` is the best rank-r approximation (Eckart-Young).
-- ``stack``: FLoRA; stacked factors whose product is exactly the weighted average of the
-  products, at rank ``sum r_i`` (may exceed ``R``).
 
 Rows (rank components) that no contributing device owns, modules no device sent and layers
 nobody trained keep their current value.  Inputs are never mutated; results are float32.
@@ -32,7 +30,7 @@ import torch
 from torch import Tensor
 
 from testbed.core.errors import TestbedError
-from testbed.core.plan import HeadState, LayerState, LoraState
+from testbed.core.plan import HeadState, LayerState, LoraState, Update
 
 
 @dataclass
@@ -52,6 +50,17 @@ class _Factors(NamedTuple):
 Rule = Callable[[Tensor, Tensor, list[_Factors]], tuple[Tensor, Tensor]]
 
 
+def contributions(updates: list[Update]) -> dict[int, list[Contribution]]:
+    """Per layer: each device's factors, weighted by samples x fraction of steps the layer was active."""
+    per_layer: dict[int, list[Contribution]] = {}
+    for u in updates:
+        for layer, factors in u.lora.items():
+            weight = u.samples * u.active_steps.get(layer, 0) / max(u.steps, 1)
+            if weight > 0:
+                per_layer.setdefault(layer, []).append(Contribution(weight, factors))
+    return per_layer
+
+
 def aggregate(current: LoraState, per_layer: dict[int, list[Contribution]],
               method: str = "fedavg") -> LoraState:
     """Aggregate every layer in ``per_layer``; the other layers keep their value."""
@@ -64,11 +73,7 @@ def aggregate(current: LoraState, per_layer: dict[int, list[Contribution]],
 
 def aggregate_layer(current: LayerState, contribs: list[Contribution],
                     method: str = "fedavg") -> LayerState:
-    """New factors of one layer from ``current`` (at max rank R) and the devices' factors.
-
-    With ``stack`` a sent module comes back at rank ``sum r_i``: the caller (a strategy) folds
-    ``s * B @ A`` into the base weights rather than keeping it as the global LoRA.
-    """
+    """New factors of one layer from ``current`` (at max rank R) and the devices' factors."""
     rule = _rule(method)
     live = [c for c in contribs if _checked_weight(c) > 0]
     _check_known(current, live)
@@ -96,7 +101,7 @@ def average_head(heads: list[tuple[float, HeadState]]) -> HeadState:
 
 def _rule(method: str) -> Rule:
     rules: dict[str, Rule] = {"fedavg": _fedavg, "pad": _pad, "hetlora": _hetlora,
-                              "flexlora": _flexlora, "stack": _stack}
+                              "flexlora": _flexlora}
     if method not in rules:
         raise TestbedError(f"unknown aggregation method {method!r}; choose one of {sorted(rules)}")
     return rules[method]
@@ -136,7 +141,7 @@ def _fedavg(A0: Tensor, B0: Tensor, parts: list[_Factors]) -> tuple[Tensor, Tens
     ranks = sorted({p.A.shape[0] for p in parts})
     if len(ranks) > 1:
         raise TestbedError(f"aggregation method 'fedavg' needs equal LoRA ranks, got {ranks}; "
-                           "use a heterogeneous method (pad, hetlora, flexlora, stack)")
+                           "use a heterogeneous method (pad, hetlora, flexlora)")
     # With one rank, the per-row average over owners is the plain weighted mean.
     return _padded_mean(A0, B0, parts, per_row=True)
 
@@ -191,10 +196,3 @@ def _flexlora(A0: Tensor, B0: Tensor, parts: list[_Factors]) -> tuple[Tensor, Te
     B[:, :k] = (U[:, :k] * root).float()
     return A, B
 
-
-def _stack(A0: Tensor, B0: Tensor, parts: list[_Factors]) -> tuple[Tensor, Tensor]:
-    total = sum(p.weight for p in parts)
-    # Scaling only A keeps B_stack @ A_stack = sum_i (w_i / total) B_i A_i exactly.
-    A = torch.cat([(p.weight / total) * p.A for p in parts], dim=0)
-    B = torch.cat([p.B for p in parts], dim=1)
-    return A, B

@@ -37,24 +37,34 @@ import random
 
 from testbed.core.errors import TestbedError
 from testbed.core.options import FedPrunerOptions
-from testbed.core.plan import Plan, Report
+from testbed.core.plan import LayerProbe, Plan, Report
+from testbed.core.state import GlobalState
 from testbed.server.bandit import Bandit
-from testbed.server.strategies.fedpruner import FedPruner
-from testbed.server.strategies.legend import Legend
+from testbed.server.strategies.base import Strategy
+from testbed.server.strategies.fedpruner import (FedPruner, Pruner,
+                                                 probe_from_dict,
+                                                 probe_to_dict)
+from testbed.server.strategies.legend import (baseline_seconds, candidates,
+                                              round_deadline, top_rank)
 
 
-class Adaptive(Legend):
+class Adaptive(Strategy):
     name = "adaptive"
 
-    def __init__(self, ctx, state):
-        super().__init__(ctx, state)
+    @classmethod
+    def max_rank(cls, cfg) -> int:
+        return top_rank(cfg)  # as LEGEND: the top layer's rank
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
         if not self.opts.factors or any(f <= 0 for f in self.opts.factors):
             raise TestbedError(f"strategy.factors: expected positive numbers, got {self.opts.factors}")
         if not self.opts.drops or any(not 0 <= p < 1 for p in self.opts.drops):
             raise TestbedError(f"strategy.drops: expected numbers in [0, 1), got {self.opts.drops}")
         # FedPruner (its default options) picks the submodel of a device whose memory is too small.
-        pruner_cfg = dataclasses.replace(ctx.cfg, strategy=FedPrunerOptions(name=FedPruner.name))
-        self.pruner = FedPruner(dataclasses.replace(ctx, cfg=pruner_cfg), state)
+        self.pruner = Pruner(ctx, FedPrunerOptions(name=FedPruner.name), fine=False)
+        self.probe: LayerProbe | None = None  # the pruner's probe of the global model
+        self.probed = -1  # the round whose global model it probed
         self.bandit = Bandit(len(self.opts.factors) + self.opts.full_arm, self.opts.bandit, self.opts.epsilon)
         self.rng = random.Random(ctx.cfg.seed)
         self.arm = 0  # this round's
@@ -64,43 +74,50 @@ class Adaptive(Legend):
         self.headroom: float | None = None  # what the first validation left to gain
         self.relaxed = False
         self.plans: dict[str, Plan] = {}
-        self.probed = -1  # the round the pruner's probe was taken
 
-    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+    def plan(self, round: int, available: list[str], state: GlobalState) -> dict[str, Plan]:
         chosen = self.sample(round, available)
+        if any(self.starved(d) for d in chosen):  # their submodels are chosen on the model they will start from
+            self.probe, self.probed = self.ctx.probe(state, self.pruner.opts.probe_rows, False), round
+        spaces = {d: self.space(d) for d in chosen}
         if not self.relaxed:
             self.arm = self.bandit.select(self.rng, list(range(self.bandit.arms)))
         if self.relaxed or self.arm == len(self.opts.factors):  # FedLoRA's round
-            deadline = max(self.baseline_seconds(chosen).values())
+            deadline = max(baseline_seconds(self.ctx, chosen).values())
         else:
-            deadline = self.deadline(available) * self.opts.factors[self.arm]
+            deadline = round_deadline(self.ctx, available) * self.opts.factors[self.arm]
         # A round lasts at least as long as its slowest device's fastest plan: the others may use that.
-        deadline = max([deadline, *(self.cost_of(d, self.configure(d, 0.0, round)) for d in chosen)])
+        deadline = max([deadline, *(self.cost_of(d, self.configure(d, spaces[d], 0.0)) for d in chosen)])
         # Devices validate while the bandit and the relax test need it (each validation costs forward passes).
-        self.plans = {d: dataclasses.replace(self.configure(d, deadline, round), validate=not self.relaxed)
+        self.plans = {d: dataclasses.replace(self.configure(d, spaces[d], deadline), validate=not self.relaxed)
                       for d in chosen}
         return self.plans
 
     def cost_of(self, device: str, plan: Plan) -> float:
         return self.ctx.cost.round_seconds(self.ctx.devices[device], plan)
 
-    def configure(self, device: str, deadline: float, round: int = 0) -> Plan:
+    def configure(self, device: str, space: list[Plan], deadline: float) -> Plan:
         """The plan with the most capacity (then the least dropout) that meets the deadline; else the fastest."""
-        timed = [(self.cost_of(device, p), p) for p in self.space(device, round)]
+        timed = [(self.cost_of(device, p), p) for p in space]
         if meeting := [p for s, p in timed if s <= deadline]:
             return max(meeting, key=lambda p: (*self.capacity(p), -max(p.drop.values(), default=0.0)))
         return min(timed, key=lambda t: t[0])[1]
 
-    def space(self, device: str, round: int) -> list[Plan]:
-        """LEGEND's candidates that fit the device's memory, over all layers or over FedPruner's
-        submodel where no plan over all layers fits, at each dropout level."""
+    def starved(self, device: str) -> bool:
+        """No plan over all layers fits the device's memory."""
+        return not any(self.ctx.cost.fits(self.ctx.devices[device], c) for c in candidates(self.ctx))
+
+    def space(self, device: str) -> list[Plan]:
+        """LEGEND's candidates that fit the device's memory, over all layers or, on a starved device,
+        over FedPruner's submodel (chosen on this round's probe), at each dropout level."""
         dev, cost, n = self.ctx.devices[device], self.ctx.cost, self.ctx.model.num_layers
-        candidates = [c for c in self.candidates() if cost.fits(dev, c)]
-        if not candidates:
-            layers = self.submodel(device, round)
-            pruned = [dataclasses.replace(c, layers=layers) for c in self.candidates()]
-            candidates = [c for c in pruned if c.trained(n) and cost.fits(dev, c)] or pruned[-1:]
-        return [self.with_drop(c, p) for p in self.opts.drops for c in candidates]
+        whole = candidates(self.ctx)
+        fitting = [c for c in whole if cost.fits(dev, c)]
+        if not fitting:
+            layers = self.pruner.submodel(device, self.probe).layers
+            pruned = [dataclasses.replace(c, layers=layers) for c in whole]
+            fitting = [c for c in pruned if c.trained(n) and cost.fits(dev, c)] or pruned[-1:]
+        return [self.with_drop(c, p) for p in self.opts.drops for c in fitting]
 
     def with_drop(self, plan: Plan, p: float) -> Plan:
         n = self.ctx.model.num_layers
@@ -112,12 +129,8 @@ class Adaptive(Legend):
         trained = plan.trained(self.ctx.model.num_layers)
         return sum(plan.ranks[l] * (1 - plan.drop.get(l, 0.0)) for l in trained), len(trained)
 
-    def submodel(self, device: str, round: int) -> list[int]:
-        """FedPruner's layers for a device whose memory cannot hold them all (probed once a round)."""
-        if self.pruner.probe is None or self.probed != round:
-            self.pruner.probe = self.ctx.probe(self.state, self.pruner.opts.probe_rows, False)
-            self.probed = round
-        return self.pruner.submodel(device).layers
+    def rule(self) -> str:
+        return self.opts.aggregation  # LEGEND's
 
     def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
         """Reward the last round's arm with the progress its aggregate shows on this round's
@@ -156,7 +169,8 @@ class Adaptive(Legend):
     def state_dict(self) -> dict:
         return {"bandit": vars(self.bandit), "rng": self.rng.getstate(), "arm": self.arm, "pending": self.pending,
                 "last": self.last, "best_gain": self.best_gain, "headroom": self.headroom, "relaxed": self.relaxed,
-                "pruner": self.pruner.state_dict(), "probed": self.probed}
+                "pruner": {"rng": self.pruner.rng.getstate(), "probe": probe_to_dict(self.probe)},
+                "probed": self.probed}
 
     def load_state_dict(self, state: dict) -> None:
         self.bandit = Bandit(**state["bandit"])
@@ -164,4 +178,5 @@ class Adaptive(Legend):
         self.arm, self.last, self.best_gain = state["arm"], state["last"], state["best_gain"]
         self.headroom, self.relaxed, self.probed = state["headroom"], state["relaxed"], state["probed"]
         self.pending = tuple(state["pending"]) if state["pending"] else None
-        self.pruner.load_state_dict(state["pruner"])
+        self.pruner.rng.setstate(state["pruner"]["rng"])
+        self.probe = probe_from_dict(state["pruner"]["probe"])

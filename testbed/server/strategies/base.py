@@ -1,15 +1,24 @@
-"""The Strategy interface: server-side policy, blind to transports, processes and files."""
+"""The Strategy contract: server-side policy, blind to transports, processes and files.
+
+Once a round the round loop, which owns the global state, asks the strategy for the devices'
+plans (`plan`), hands it what came back (`aggregate`: the admitted updates and the failures)
+and takes the new global state it returns, then reports the round's results (`observe`).
+A strategy keeps its own memory (bandits, probes, RNGs: `state_dict`), never the global state.
+"""
 from __future__ import annotations
 
+import abc
 import random
 from dataclasses import dataclass
 from typing import Callable
 
+from testbed.comm.transport import Failure
 from testbed.core.config import ExperimentConfig
 from testbed.core.devices import Device
 from testbed.core.plan import LayerProbe, Plan, Report, Update
 from testbed.core.state import GlobalState
 from testbed.model.info import ModelInfo
+from testbed.server.aggregate import aggregate, average_head, contributions
 from testbed.server.costmodel import CostModel
 
 
@@ -22,29 +31,42 @@ class Context:
     devices: dict[str, Device]
     samples: dict[str, int]  # training rows per device
     cost: CostModel
-    probe: Callable[[GlobalState, int, bool], LayerProbe]  # the server's probe of the global model: rows, blocks
+    probe: Callable[[GlobalState, int, bool], LayerProbe]  # the server's probe of a global model: rows, blocks
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """plan -> (devices train) -> aggregate -> observe, once per round."""
 
     name = ""
 
-    def __init__(self, ctx: Context, state: GlobalState):
+    def __init__(self, ctx: Context):
         self.ctx = ctx
         self.opts = ctx.cfg.strategy
-        self.state = state
 
     @classmethod
     def max_rank(cls, cfg: ExperimentConfig) -> int:
         """The rank the global state is kept at (the largest any device may train)."""
         return cfg.model.lora.rank
 
-    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def plan(self, round: int, available: list[str], state: GlobalState) -> dict[str, Plan]:
+        """The plans of the devices that take part in the round, among `available`; `state` is
+        the global model they will start from, to be read (probed), not changed."""
 
-    def aggregate(self, round: int, updates: list[Update]) -> None:
-        raise NotImplementedError
+    def rule(self) -> str:
+        """How the devices' LoRA factors are aggregated, layer by layer (a method of
+        testbed.server.aggregate): FedAvg, unless the devices train different ranks."""
+        return "fedavg"
+
+    def aggregate(self, round: int, updates: list[Update], failures: list[Failure],
+                  state: GlobalState) -> GlobalState:
+        """The global state after the round: the LoRA by the strategy's rule, the head averaged
+        over the updates (by samples).  `failures` are the round's devices that sent nothing
+        usable.  Nothing given is changed; with no update the state stays as it was."""
+        if not updates:
+            return state
+        lora = aggregate(state.lora, contributions(updates), self.rule())
+        return GlobalState(lora, average_head([(u.samples, u.head) for u in updates]))
 
     def observe(self, round: int, reports: dict[str, Report], metrics: dict) -> None:
         """Feedback after a round; stateless strategies ignore it."""
@@ -55,15 +77,16 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    # Helpers shared by strategies.
-
     def sample(self, round: int, available: list[str]) -> list[str]:
+        """The round's devices: `clients_per_round` of them, drawn by the round's seed, or all."""
         k = self.opts.clients_per_round
         if not k or k >= len(available):
             return list(available)
         return sorted(random.Random(self.ctx.cfg.seed * 7919 + round).sample(available, k))
 
-    def base_plan(self, ranks: dict[int, int], **fields) -> Plan:
-        t = self.ctx.cfg.train
-        fields.setdefault("validate", self.opts.validate)
-        return Plan(ranks=ranks, local_steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, **fields)
+
+def base_plan(cfg: ExperimentConfig, ranks: dict[int, int], **fields) -> Plan:
+    """A plan with these LoRA ranks and the run's training settings (and the strategy's `validate`)."""
+    t = cfg.train
+    fields.setdefault("validate", cfg.strategy.validate)
+    return Plan(ranks=ranks, local_steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, **fields)

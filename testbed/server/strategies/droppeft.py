@@ -27,19 +27,20 @@ import random
 
 import torch
 
+from testbed.comm.transport import Failure
 from testbed.core.errors import TestbedError
 from testbed.core.plan import Plan, Report, Update
-from testbed.server.aggregate import aggregate, average_head
+from testbed.core.state import GlobalState
+from testbed.server.aggregate import Contribution, contributions
 from testbed.server.bandit import Bandit
-from testbed.server.strategies.base import Strategy
-from testbed.server.strategies.fedlora import contributions
+from testbed.server.strategies.base import Strategy, base_plan
 
 
 class DropPEFT(Strategy):
     name = "droppeft"
 
-    def __init__(self, ctx, state):
-        super().__init__(ctx, state)
+    def __init__(self, ctx):
+        super().__init__(ctx)
         n = ctx.model.num_layers
         self.arms = []
         for shape in self.opts.shapes:
@@ -67,13 +68,13 @@ class DropPEFT(Strategy):
     def bandit_key(self, device: str) -> str:
         return self.ctx.devices[device].device_class if self.opts.bandit_per == "class" else device
 
-    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+    def plan(self, round: int, available: list[str], state: GlobalState) -> dict[str, Plan]:
         if self.opts.personal_by == "drift" and round == self.opts.drift_rounds and not self.personal:
             ranked = sorted(range(len(self.drift)), key=lambda l: -self.drift[l])
             self.personal = sorted(ranked[: self.opts.personal_k])
         rank = self.ctx.cfg.model.lora.rank
         ranks = {l: rank for l in range(self.ctx.model.num_layers)}
-        arms = [self.base_plan(ranks, drop=arm, personal=self.personal, validate=True) for arm in self.arms]
+        arms = [base_plan(self.ctx.cfg, ranks, drop=arm, personal=self.personal, validate=True) for arm in self.arms]
         lightest = max(range(len(self.arms)), key=lambda i: sum(self.arms[i].values()))
         candidates, allowed = {}, {}
         for device in self.sample(round, available):
@@ -97,14 +98,13 @@ class DropPEFT(Strategy):
             within = [i for i in allowed[d] if seconds[d][i] <= bound] + [self.chosen[d]]
             self.chosen[d] = min(within, key=lambda i: sum(self.arms[i].values()))
 
-    def aggregate(self, round: int, updates: list[Update]) -> None:
-        per_layer = contributions(updates)
+    def aggregate(self, round: int, updates: list[Update], failures: list[Failure],
+                  state: GlobalState) -> GlobalState:
         if self.opts.personal_by == "drift" and round < self.opts.drift_rounds:
-            self.measure_drift(per_layer)
-        self.state.lora = aggregate(self.state.lora, per_layer, "fedavg")
-        self.state.head = average_head([(u.samples, u.head) for u in updates])
+            self.measure_drift(contributions(updates))
+        return super().aggregate(round, updates, failures, state)
 
-    def measure_drift(self, per_layer) -> None:
+    def measure_drift(self, per_layer: dict[int, list[Contribution]]) -> None:
         """Client drift of a layer: mean distance of the devices' updates B A from their average."""
         for layer, contribs in per_layer.items():
             modules = {n[:-2] for n in contribs[0].factors}

@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from testbed.comm.transport import Failure
 from testbed.core.errors import TestbedError
+from testbed.core.options import FedPrunerOptions
 from testbed.core.plan import BOTH, LayerProbe, Plan, Update
+from testbed.core.state import GlobalState
 from testbed.measure.probe import units
-from testbed.server.aggregate import aggregate, average_head
-from testbed.server.strategies.base import Strategy
-from testbed.server.strategies.fedlora import contributions
+from testbed.server.strategies.base import Context, Strategy, base_plan
 
 Unit = tuple[int, str]  # (layer, "both" | "attn" | "ffn")
 
@@ -66,40 +67,37 @@ def mean_probe(probes: list[tuple[float, LayerProbe]]) -> LayerProbe:
     return LayerProbe(cka, importance, first.blocks)
 
 
-class FedPruner(Strategy):
-    name = "fedpruner"
-    fine = False  # units are layers; fedpruner_fine: attention and FFN blocks
+class Pruner:
+    """FedPruner's choice of a device's submodel: the most units that fit its memory, one kept per
+    group of alike units (grouped and scored by a probe of the model, or drawn at random)."""
 
-    def __init__(self, ctx, state):
-        super().__init__(ctx, state)
-        if self.fine and not ctx.model.block_params:
-            raise TestbedError(f"strategy.name: {self.name} needs a model whose attention and FFN blocks are "
-                               "known (BERT, RoBERTa, LLaMA, Qwen2, Mistral)")
+    def __init__(self, ctx: Context, opts: FedPrunerOptions, fine: bool):
+        self.ctx = ctx
+        self.opts = opts
+        self.units = units(ctx.model.num_layers, fine)
         self.rng = random.Random(ctx.cfg.seed)
-        self.probe: LayerProbe | None = None
-        self.units = units(ctx.model.num_layers, self.fine)
 
-    def submodel(self, device: str) -> Plan:
+    def submodel(self, device: str, probe: LayerProbe | None) -> Plan:
         """The plan keeping the most units whose selected submodel fits the device (at least one)."""
         dev = self.ctx.devices[device]
         for k in range(len(self.units), 1, -1):
             rng_state = self.rng.getstate()
-            plan = self.plan_of(self.choose(k))
+            plan = self.plan_of(self.choose(k, probe))
             if self.ctx.cost.fits(dev, plan):
                 return plan
             self.rng.setstate(rng_state)  # a submodel that does not fit draws nothing
-        return self.plan_of(self.choose(1))
+        return self.plan_of(self.choose(1, probe))
 
-    def choose(self, k: int) -> list[Unit]:
+    def choose(self, k: int, probe: LayerProbe | None) -> list[Unit]:
         n = len(self.units)
         if k >= n:
             return list(self.units)
-        if self.opts.selection == "random" or self.probe is None:  # None: no device has probed yet
+        if self.opts.selection == "random" or probe is None:  # None: no device has probed yet
             return [self.units[u] for u in sorted(self.rng.sample(range(n), k))]
         split = contiguous_groups if self.opts.grouping == "contiguous" else graph_groups
-        score = self.probe.importance[self.opts.importance]
+        score = probe.importance[self.opts.importance]
         kept = []
-        for group in split(self.probe.cka, k):
+        for group in split(probe.cka, k):
             if self.opts.selection == "sampled" and sum(score[u] for u in group) > 0:
                 kept.append(self.rng.choices(group, weights=[score[u] for u in group])[0])
             else:
@@ -115,32 +113,53 @@ class FedPruner(Strategy):
         modules = self.ctx.model.module_blocks
         rank = self.ctx.cfg.model.lora.rank
         ranks = {l: rank for l in runs if l not in blocks or all(b == blocks[l] for b in modules.values())}
-        return self.base_plan(ranks, layers=sorted(runs), blocks=blocks)
+        return base_plan(self.ctx.cfg, ranks, validate=self.opts.validate, layers=sorted(runs), blocks=blocks)
 
-    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+
+def probe_to_dict(probe: LayerProbe | None) -> dict | None:
+    return None if probe is None else dataclasses.asdict(probe)
+
+
+def probe_from_dict(state: dict | None) -> LayerProbe | None:
+    return None if state is None else LayerProbe(**state)
+
+
+class FedPruner(Strategy):
+    name = "fedpruner"
+    fine = False  # units are layers; fedpruner_fine: attention and FFN blocks
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if self.fine and not ctx.model.block_params:
+            raise TestbedError(f"strategy.name: {self.name} needs a model whose attention and FFN blocks are "
+                               "known (BERT, RoBERTa, LLaMA, Qwen2, Mistral)")
+        self.pruner = Pruner(ctx, self.opts, self.fine)
+        self.probe: LayerProbe | None = None
+
+    def plan(self, round: int, available: list[str], state: GlobalState) -> dict[str, Plan]:
         probing = self.opts.selection != "random" and (round % self.opts.regroup_every == 0)
         if self.opts.cka == "server" and (probing or (self.probe is None and self.opts.selection != "random")):
-            self.probe = self.ctx.probe(self.state, self.opts.probe_rows, self.fine)
+            self.probe = self.ctx.probe(state, self.opts.probe_rows, self.fine)
         plans = {}
         for device in self.sample(round, available):
-            plans[device] = self.submodel(device)
+            plans[device] = self.pruner.submodel(device, self.probe)
             if probing and self.opts.cka == "device":
                 plans[device] = dataclasses.replace(plans[device], probe_rows=self.opts.probe_rows,
                                                     probe_blocks=self.fine)
         return plans
 
-    def aggregate(self, round: int, updates: list[Update]) -> None:
-        self.state.lora = aggregate(self.state.lora, contributions(updates), "fedavg")
-        self.state.head = average_head([(u.samples, u.head) for u in updates])
+    def aggregate(self, round: int, updates: list[Update], failures: list[Failure],
+                  state: GlobalState) -> GlobalState:
         if probes := [(u.samples, u.probe) for u in updates if u.probe is not None]:
             self.probe = mean_probe(probes)
+        return super().aggregate(round, updates, failures, state)
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "probe": None if self.probe is None else dataclasses.asdict(self.probe)}
+        return {"rng": self.pruner.rng.getstate(), "probe": probe_to_dict(self.probe)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate(state["rng"])
-        self.probe = None if state["probe"] is None else LayerProbe(**state["probe"])
+        self.pruner.rng.setstate(state["rng"])
+        self.probe = probe_from_dict(state["probe"])
 
 
 class FedPrunerFine(FedPruner):

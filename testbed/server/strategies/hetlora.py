@@ -7,10 +7,9 @@ fastest device gets `max_rank`, others a power of two in proportion to their spe
 """
 from __future__ import annotations
 
-from testbed.core.plan import Plan, Update
-from testbed.server.aggregate import aggregate, average_head
-from testbed.server.strategies.base import Strategy
-from testbed.server.strategies.fedlora import contributions
+from testbed.core.plan import Plan
+from testbed.core.state import GlobalState
+from testbed.server.strategies.base import Strategy, base_plan
 
 
 def pow2_floor(x: float) -> int:
@@ -22,7 +21,6 @@ def pow2_floor(x: float) -> int:
 
 class HetLoRA(Strategy):
     name = "hetlora"
-    method = "hetlora"
 
     @classmethod
     def max_rank(cls, cfg) -> int:
@@ -36,15 +34,14 @@ class HetLoRA(Strategy):
         top = self.max_rank(self.ctx.cfg)
         return max(self.opts.min_rank, min(top, pow2_floor(top * d.speed / fastest)))
 
-    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+    def plan(self, round: int, available: list[str], state: GlobalState) -> dict[str, Plan]:
         layers = range(self.ctx.model.num_layers)
-        return {d: self.base_plan({l: self.device_rank(d) for l in layers}) for d in self.sample(round, available)}
+        return {d: base_plan(self.ctx.cfg, {l: self.device_rank(d) for l in layers})
+                for d in self.sample(round, available)}
 
-    def aggregate(self, round: int, updates: list[Update]) -> None:
-        self.state.lora = aggregate(self.state.lora, contributions(updates), self.method)
-        self.state.head = average_head([(u.samples, u.head) for u in updates])
+    def rule(self) -> str:
+        return self.name  # each paper's own rule, named as the strategy
 
 
 class FlexLoRA(HetLoRA):
     name = "flexlora"
-    method = "flexlora"

@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 import statistics
 
-from testbed.core.plan import Plan, Update
-from testbed.server.aggregate import aggregate, average_head
-from testbed.server.strategies.base import Strategy
-from testbed.server.strategies.fedlora import contributions
+from testbed.core.config import ExperimentConfig
+from testbed.core.plan import Plan
+from testbed.core.state import GlobalState
+from testbed.server.strategies.base import Context, Strategy, base_plan
 
 
 def rank_distribution(depth: int, num_layers: int, low: int, high: int, profile: str) -> dict[int, int]:
@@ -36,67 +36,77 @@ def rank_distribution(depth: int, num_layers: int, low: int, high: int, profile:
     return ranks
 
 
+def top_rank(cfg: ExperimentConfig) -> int:
+    """The rank of the top layer at full ramp (the largest any device trains)."""
+    return cfg.strategy.max_rank or cfg.model.lora.rank
+
+
+def candidates(ctx: Context) -> list[Plan]:
+    """Every depth with every ramp between powers of two, the most LoRA parameters first
+    (`ctx.cfg.strategy` holds LEGEND's options)."""
+    opts, n, top = ctx.cfg.strategy, ctx.model.num_layers, top_rank(ctx.cfg)
+    highs = [top >> k for k in range(top.bit_length()) if top >> k]
+    shapes = set()
+    for depth in range(n, opts.min_depth - 1, -1):
+        for high in highs:
+            lows = [high] if opts.rank_profile == "uniform" else [l for l in highs if l <= high]
+            for low in lows:
+                if low >= min(opts.min_rank, high):
+                    ranks = rank_distribution(depth, n, low, high, opts.rank_profile)
+                    shapes.add((sum(ranks.values()), depth, tuple(ranks.values())))
+    return [with_below(ctx, dict(enumerate(r)), d, top) for _, d, r in sorted(shapes, reverse=True)]
+
+
+def with_below(ctx: Context, ranks: dict[int, int], depth: int, top: int) -> Plan:
+    """The plan of a depth; the layers below it run the global LoRA frozen unless `below: none`."""
+    below = list(range(ctx.model.num_layers - depth))
+    if ctx.cfg.strategy.below == "none" or not below:
+        return base_plan(ctx.cfg, ranks)
+    return base_plan(ctx.cfg, {**ranks, **dict.fromkeys(below, top)}, frozen=below)
+
+
+def baseline_seconds(ctx: Context, devices: list[str]) -> dict[str, float]:
+    """Each device's predicted round time running the baseline (all layers, one rank)."""
+    baseline = base_plan(ctx.cfg, dict.fromkeys(range(ctx.model.num_layers), ctx.cfg.model.lora.rank))
+    return {d: ctx.cost.round_seconds(ctx.devices[d], baseline) for d in devices}
+
+
+def round_deadline(ctx: Context, available: list[str]) -> float:
+    """The round's deadline: the predicted round time of the reference device running the
+    baseline, times `deadline_factor`."""
+    opts, times = ctx.cfg.strategy, baseline_seconds(ctx, available)
+    ref = opts.deadline_device
+    if ref == "median":
+        value = statistics.median_low(sorted(times.values()))
+    elif ref in ("fastest", "slowest"):
+        value = (min if ref == "fastest" else max)(times.values())
+    else:
+        of_class = [t for d, t in times.items() if ctx.devices[d].device_class == ref]
+        value = min(of_class) if of_class else statistics.median_low(sorted(times.values()))
+    return value * opts.deadline_factor
+
+
 class Legend(Strategy):
     name = "legend"
 
     @classmethod
     def max_rank(cls, cfg) -> int:
-        return cfg.strategy.max_rank or cfg.model.lora.rank
+        return top_rank(cfg)
 
-    def plan(self, round: int, available: list[str]) -> dict[str, Plan]:
+    def plan(self, round: int, available: list[str], state: GlobalState) -> dict[str, Plan]:
         chosen = self.sample(round, available)
-        deadline = self.deadline(available)
+        deadline = round_deadline(self.ctx, available)
         return {d: self.configure(d, deadline) for d in chosen}
-
-    def baseline_seconds(self, devices: list[str]) -> dict[str, float]:
-        """Each device's predicted round time running the baseline (all layers, one rank)."""
-        rank = self.ctx.cfg.model.lora.rank
-        baseline = self.base_plan(dict.fromkeys(range(self.ctx.model.num_layers), rank))
-        return {d: self.ctx.cost.round_seconds(self.ctx.devices[d], baseline) for d in devices}
-
-    def deadline(self, available: list[str]) -> float:
-        """Predicted round time of the reference device running the baseline."""
-        devices, times = self.ctx.devices, self.baseline_seconds(available)
-        ref = self.opts.deadline_device
-        if ref == "median":
-            value = statistics.median_low(sorted(times.values()))
-        elif ref in ("fastest", "slowest"):
-            value = (min if ref == "fastest" else max)(times.values())
-        else:
-            of_class = [t for d, t in times.items() if devices[d].device_class == ref]
-            value = min(of_class) if of_class else statistics.median_low(sorted(times.values()))
-        return value * self.opts.deadline_factor
 
     def configure(self, device: str, deadline: float) -> Plan:
         """The plan that tunes the most LoRA parameters (the largest sum of ranks, then the deepest)
         within the deadline and the memory budget; if none does, the lightest."""
         dev, cost = self.ctx.devices[device], self.ctx.cost
-        candidates = self.candidates()
-        for plan in candidates:
+        plans = candidates(self.ctx)
+        for plan in plans:
             if cost.fits(dev, plan) and cost.round_seconds(dev, plan) <= deadline:
                 return plan
-        return min(candidates, key=lambda p: cost.round_seconds(dev, p))
+        return min(plans, key=lambda p: cost.round_seconds(dev, p))
 
-    def candidates(self) -> list[Plan]:
-        """Every depth with every ramp between powers of two, the most LoRA parameters first."""
-        n, top = self.ctx.model.num_layers, self.max_rank(self.ctx.cfg)
-        highs = [top >> k for k in range(top.bit_length()) if top >> k]
-        shapes = set()
-        for depth in range(n, self.opts.min_depth - 1, -1):
-            for high in highs:
-                lows = [high] if self.opts.rank_profile == "uniform" else [l for l in highs if l <= high]
-                for low in lows:
-                    if low >= min(self.opts.min_rank, high):
-                        ranks = rank_distribution(depth, n, low, high, self.opts.rank_profile)
-                        shapes.add((sum(ranks.values()), depth, tuple(ranks.values())))
-        return [self.with_below(dict(enumerate(r)), d, top) for _, d, r in sorted(shapes, reverse=True)]
-
-    def with_below(self, ranks: dict[int, int], depth: int, top: int) -> Plan:
-        below = list(range(self.ctx.model.num_layers - depth))
-        if self.opts.below == "none" or not below:
-            return self.base_plan(ranks)
-        return self.base_plan({**ranks, **dict.fromkeys(below, top)}, frozen=below)
-
-    def aggregate(self, round: int, updates: list[Update]) -> None:
-        self.state.lora = aggregate(self.state.lora, contributions(updates), self.opts.aggregation)
-        self.state.head = average_head([(u.samples, u.head) for u in updates])
+    def rule(self) -> str:
+        return self.opts.aggregation
