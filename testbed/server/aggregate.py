@@ -1,4 +1,4 @@
-"""Per-layer aggregation of LoRA factors (DESIGN section 6).
+"""Per-layer aggregation of LoRA factors.
 
 Scaling convention: every device uses the same scaling ``s = alpha / r`` (a layer's alpha is
 scaled with its rank, so ``alpha_l / r_l`` is constant), hence a device's weight update for one

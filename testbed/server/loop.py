@@ -1,4 +1,4 @@
-"""The aggregator's round loop (DESIGN section 4), the same for every transport.
+"""The aggregator's round loop (docs/architecture.md, "The round protocol"), the same for every transport.
 
 It owns the global state: each round it asks the strategy for plans, has the transport run them,
 admits the updates, takes the strategy's new state, evaluates it, and hands the round to the
