@@ -1,4 +1,4 @@
-"""Time `testbed.aggregate.aggregate` on MiniLM-sized LoRA as the number of updates grows.
+"""Time `testbed.server.aggregate.aggregate` on MiniLM-sized LoRA as the number of updates grows.
 
 6 layers x (query, value), hidden 384, rank 8, every update covering every layer.
 Run from the repository root: `PYTHONPATH=. python bench/aggregate.py [--quick]`.

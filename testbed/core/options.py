@@ -14,6 +14,7 @@ def option(default: Any, *, lo: float | None = None, hi: float | None = None, gt
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
+
 @dataclass
 class StrategyConfig:
     """Options every strategy has; a strategy subclasses this with its own."""
@@ -23,11 +24,13 @@ class StrategyConfig:
     validate: bool = option(False, doc="each device evaluates its model on its own validation split before and "
                                        "after training (personal_accuracy); droppeft always does (its reward)")
 
+
 @dataclass
 class HetRankOptions(StrategyConfig):
     max_rank: int = option(0, lo=0, doc="rank of the fastest device; 0 = model.lora.rank")
     min_rank: int = option(2, lo=1, doc="the lowest rank a device gets")
     ranks: dict[str, int] = option({}, doc="fixed rank per device class, overriding the speed rule")
+
 
 @dataclass
 class LegendOptions(StrategyConfig):
@@ -45,6 +48,7 @@ class LegendOptions(StrategyConfig):
                         doc="layers under the depth: run the global LoRA frozen (sent down, not trained), "
                             "or run without LoRA (the device's model then differs from the global one)")
 
+
 @dataclass
 class AdaptiveOptions(LegendOptions):
     drops: list[float] = option([0.0, 0.1, 0.2], doc="layer dropout levels a device may use to meet the deadline")
@@ -59,6 +63,7 @@ class AdaptiveOptions(LegendOptions):
     relax: float = option(0.25, lo=0, hi=1, doc="once a round's validation gain falls below this fraction of the "
                                                "largest so far (itself at least this fraction of the headroom), "
                                                "every deadline is the slowest device's baseline round (0: never)")
+
 
 @dataclass
 class DropPEFTOptions(StrategyConfig):
@@ -85,6 +90,7 @@ class DropPEFTOptions(StrategyConfig):
                                doc="the personal layers: the top personal_k, or those whose client updates drift "
                                    "most over the first drift_rounds")
     drift_rounds: int = option(1, lo=1, doc="rounds with every layer shared before drift picks the personal ones")
+
 
 @dataclass
 class FedPrunerOptions(StrategyConfig):
