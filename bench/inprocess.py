@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "ag_news"
+DATA = ROOT / "data" / "ag_news"
 
 
 def plain_loop(rounds: int, steps: int) -> dict:
@@ -109,8 +109,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args()
-    if not (DATA / "train.csv").is_file():
-        sys.exit(f"bench/inprocess.py: the AG News sample is not at {DATA}")
     rounds, steps = (2, 5) if args.quick else (5, 10)
     repeats = args.repeats or (1 if args.quick else 2)
     runs = {"plain_loop": [], "testbed_run": []}

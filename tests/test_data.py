@@ -5,6 +5,7 @@ import pytest
 from testbed.core.config import DataConfig
 from testbed.core.errors import TestbedError
 from testbed.data import load_splits, partition, synthetic_topics
+from tests.helpers import AG_NEWS
 
 
 def test_synthetic_is_seeded_and_balanced():
@@ -47,8 +48,8 @@ def test_impossible_dirichlet_is_explained():
         partition([i % 2 for i in range(200)], [f"d{i}" for i in range(6)], cfg, seed=0)
 
 
-def test_ag_news_sample_loads(ag_news):
-    cfg = DataConfig(source="files", train_file=str(ag_news / "train.csv"), test_file=str(ag_news / "test.csv"),
+def test_ag_news_sample_loads():
+    cfg = DataConfig(source="files", train_file=str(AG_NEWS / "train.csv"), test_file=str(AG_NEWS / "test.csv"),
                      text_columns=["title", "description"], label_column="label", label_offset=1)
     train, test, n = load_splits(cfg, seed=0)
     assert n == 4 and len(train.labels) == 6000 and len(test.labels) == 1600

@@ -13,7 +13,7 @@ from testbed.core.config import from_dict, load_config
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.runs import read_rows, strip_wall
 from testbed.model.tiny import tiny_config
-from tests.helpers import ROOT, cli
+from tests.helpers import AG_NEWS, ROOT, cli
 
 
 def test_run_writes_config_metrics_and_summary(tiny_bert, tmp_path):
@@ -76,9 +76,9 @@ def test_cli_user_errors_are_one_line(tiny_bert, tmp_path, overrides, culprit):
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_label_column_on_real_csv(ag_news, tiny_bert, tmp_path):
-    cfg = tiny_config(tiny_bert, **{"data.source": "files", "data.train_file": str(ag_news / "train.csv"),
-                                    "data.test_file": str(ag_news / "test.csv"), "data.label_column": "topic",
+def test_missing_label_column_on_real_csv(tiny_bert, tmp_path):
+    cfg = tiny_config(tiny_bert, **{"data.source": "files", "data.train_file": str(AG_NEWS / "train.csv"),
+                                    "data.test_file": str(AG_NEWS / "test.csv"), "data.label_column": "topic",
                                     "data.text_columns": ["title", "description"]})
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(cfg))
