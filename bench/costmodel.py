@@ -68,10 +68,10 @@ class Bench:
         self.profile = (load_profile(Path(profile_path), self.info) if profile_path
                         else profile_device(self.bb, "minilm", self.info, LORA))
         self.profile_s = time.perf_counter() - start
-        self.train, _, _ = load_splits(DataConfig(source="files", train_file=str(DATA / "train.csv"),
-                                                  test_file=str(DATA / "test.csv"),
-                                                  text_columns=["title", "description"], label_offset=1,
-                                                  max_train=512, max_test=16), 0)
+        self.train = load_splits(DataConfig(source="files", train_file=str(DATA / "train.csv"),
+                                            test_file=str(DATA / "test.csv"),
+                                            text_columns=["title", "description"], label_offset=1,
+                                            max_train=512, max_test=16), 0).train
         self.head = {k: p.detach().clone() for k, p in self.bb.head_params().items()}
         self.by_len: dict[int, tuple] = {}
 

@@ -37,7 +37,8 @@ def plain_loop(rounds: int, steps: int) -> dict:
     torch.set_num_threads(2)
     cfg = DataConfig(source="files", train_file=str(DATA / "train.csv"), test_file=str(DATA / "test.csv"),
                      text_columns=["title", "description"], label_offset=1, max_test=800)
-    train, test, _ = load_splits(cfg, 0)
+    splits = load_splits(cfg, 0)
+    train, test = splits.train, splits.test
     shards = partition(train.labels, ["c0", "c1", "c2", "c3"], cfg, 0)
     path = resolve_model_path("minilm")
     tok = AutoTokenizer.from_pretrained(path)

@@ -86,6 +86,16 @@ def test_missing_label_column_on_real_csv(tiny_bert, tmp_path):
     assert proc.returncode == 2 and "data.label_column: column 'topic'" in proc.stderr
 
 
+def test_string_labels_are_printed_and_kept_in_the_run_directory(tiny_bert, tmp_path, capsys):
+    rows = "".join(f"{w} film\t{y}\n" for w, y in [("fine", "pos"), ("awful", "neg"), ("dull", "neg")] * 30)
+    (tmp_path / "films.tsv").write_text("review\tverdict\n" + rows)
+    data = {"source": "files", "train_file": str(tmp_path / "films.tsv"), "test_file": str(tmp_path / "films.tsv"),
+            "text_columns": ["review"], "label_column": "verdict", "labels": ["pos", "neg"]}
+    run_inprocess(from_dict(tiny_config(tiny_bert, rounds=1, data=data)), tmp_path / "run", quiet=True)
+    assert [l for l in capsys.readouterr().err.splitlines() if "labels" in l] == ["testbed: labels pos=0, neg=1"]
+    assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["pos", "neg"]
+
+
 def test_a_killed_run_resumes_to_the_same_metrics(tiny_bert, tmp_path):
     """SIGKILL mid-run, then --resume: the final metrics equal an uninterrupted run's (modelled clock).
     DropPEFT keeps the most state between rounds: bandits, personal layers on the devices, RNGs."""
