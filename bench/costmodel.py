@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "ag_news"
+DATA = ROOT / "data" / "ag_news"
 
 from testbed.agent.trainer import train_plan  # noqa: E402
 from testbed.core.config import (DataConfig, LoraConfig,  # noqa: E402
@@ -68,10 +68,10 @@ class Bench:
         self.profile = (load_profile(Path(profile_path), self.info) if profile_path
                         else profile_device(self.bb, "minilm", self.info, LORA))
         self.profile_s = time.perf_counter() - start
-        self.train, _, _ = load_splits(DataConfig(source="files", train_file=str(DATA / "train.csv"),
-                                                  test_file=str(DATA / "test.csv"),
-                                                  text_columns=["title", "description"], label_offset=1,
-                                                  max_train=512, max_test=16), 0)
+        self.train = load_splits(DataConfig(source="files", train_file=str(DATA / "train.csv"),
+                                            test_file=str(DATA / "test.csv"),
+                                            text_columns=["title", "description"], label_offset=1,
+                                            max_train=512, max_test=16), 0).train
         self.head = {k: p.detach().clone() for k, p in self.bb.head_params().items()}
         self.by_len: dict[int, tuple] = {}
 
@@ -109,8 +109,6 @@ def main() -> None:
     ap.add_argument("--profile", help="a DeviceProfile file to predict from (default: profile this machine now)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if not (DATA / "train.csv").is_file():
-        sys.exit(f"the AG News sample is not at {DATA}")
     plans, steps = (20, 3) if args.quick else (40, 5)
     bench = Bench(args.profile)
     print(f"profile: {bench.profile_s:.1f} s", file=sys.stderr)

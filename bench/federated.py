@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from testbed.core.config import load_config  # noqa: E402
 from testbed.experiments.run import run_inprocess  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "ag_news"
+DATA = ROOT / "data" / "ag_news"
 
 
 def main() -> None:
@@ -26,8 +26,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "federated"))
     args = ap.parse_args()
-    if not (DATA / "train.csv").is_file():
-        sys.exit(f"bench/federated.py: the AG News sample is not at {DATA}")
     clients, steps = 4, (5 if args.quick else 10)
     common = [f"data.train_file={DATA / 'train.csv'}", f"data.test_file={DATA / 'test.csv'}",
               f"rounds={2 if args.quick else 12}", f"train.local_steps={steps}", "train.lr=2e-3",

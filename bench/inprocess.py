@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "ag_news"
+DATA = ROOT / "data" / "ag_news"
 
 
 def plain_loop(rounds: int, steps: int) -> dict:
@@ -37,7 +37,8 @@ def plain_loop(rounds: int, steps: int) -> dict:
     torch.set_num_threads(2)
     cfg = DataConfig(source="files", train_file=str(DATA / "train.csv"), test_file=str(DATA / "test.csv"),
                      text_columns=["title", "description"], label_offset=1, max_test=800)
-    train, test, _ = load_splits(cfg, 0)
+    splits = load_splits(cfg, 0)
+    train, test = splits.train, splits.test
     shards = partition(train.labels, ["c0", "c1", "c2", "c3"], cfg, 0)
     path = resolve_model_path("minilm")
     tok = AutoTokenizer.from_pretrained(path)
@@ -109,8 +110,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args()
-    if not (DATA / "train.csv").is_file():
-        sys.exit(f"bench/inprocess.py: the AG News sample is not at {DATA}")
     rounds, steps = (2, 5) if args.quick else (5, 10)
     repeats = args.repeats or (1 if args.quick else 2)
     runs = {"plain_loop": [], "testbed_run": []}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "ag_news"
+DATA = ROOT / "data" / "ag_news"
 
 from launch.cmdline import mpirun_command  # noqa: E402
 from testbed.core.config import load_config  # noqa: E402
@@ -39,8 +39,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--agents", type=int, default=4)
     args = ap.parse_args()
-    if not (DATA / "train.csv").is_file():
-        sys.exit(f"bench/runtime.py: the AG News sample is not at {DATA}")
     rounds, steps, length = (2, 4, 32) if args.quick else (4, 10, 64)
     sets = [f"data.train_file={DATA / 'train.csv'}", f"data.test_file={DATA / 'test.csv'}", f"rounds={rounds}",
             f"eval_every={rounds}", f"train.local_steps={steps}", f"model.max_length={length}",

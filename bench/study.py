@@ -15,15 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "ag_news"
+DATA = ROOT / "data" / "ag_news"
 
 from testbed.core.config import load_config  # noqa: E402
 from testbed.experiments.run import run_inprocess  # noqa: E402
 
 
 def study_sets(quick: bool) -> list[str]:
-    if not (DATA / "train.csv").is_file():
-        sys.exit(f"the AG News sample is not at {DATA}")
     sets = [f"data.train_file={DATA / 'train.csv'}", f"data.test_file={DATA / 'test.csv'}"]
     if quick:
         sets += ["rounds=4", "model.max_length=32", "data.max_test=200", "train.local_steps=6",

@@ -29,6 +29,7 @@ from testbed.comm.join import Joined
 from testbed.core.config import (ExperimentConfig, check_same_experiment,
                                  load_config)
 from testbed.core.errors import TestbedError
+from testbed.data import write_labels
 from testbed.experiments.setup import setup
 from testbed.server.experiment import Experiment
 from testbed.server.loop import RoundLoop
@@ -122,7 +123,9 @@ def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argpars
         if args.resume:  # checked here too for torchrun users; after joining, so that the agents are told bye
             check_same_experiment(cfg, out / "config.yaml")
         use_measured(exp, joined, out / "profiles")
-        RoundLoop(exp, transport, out, resume=bool(args.resume)).run()
+        loop = RoundLoop(exp, transport, out, resume=bool(args.resume))
+        write_labels(exp.data.label_names, out)
+        loop.run()
     finally:
         transport.close()
 

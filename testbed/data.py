@@ -1,9 +1,12 @@
-"""Data: loading (hub, local files, synthetic), partitioning across devices, tokenisation.
+"""Data: loading (hub, local files, synthetic), labels as ids, partitioning across devices, tokenisation.
 
 Texts are tokenised once per run; every device then indexes into the same tensors.
 """
 from __future__ import annotations
 
+import csv
+import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +16,33 @@ import torch
 
 from testbed.core.config import DataConfig
 from testbed.core.errors import TestbedError
+from testbed.core.files import atomic_write
 
 
 @dataclass
 class Split:
     texts: list[str]
     labels: list[int]
+
+
+@dataclass
+class Splits:
+    """What load_splits returns: both splits with labels as ids."""
+
+    train: Split
+    test: Split
+    num_labels: int
+    label_names: list[str] | None = None  # string labels, by id; None where the data's labels are integers
+
+
+@dataclass
+class Table:
+    """A file's or hub split's rows as read, before the labels become ids."""
+
+    where: str  # how errors name it, e.g. "data.test_file (test.tsv)"
+    label_key: str  # the config key naming its label column, e.g. "data.test_label_column"
+    texts: list[str]
+    labels: list
 
 
 @dataclass
@@ -51,25 +75,36 @@ class Dataset:
     num_labels: int
     shards: dict[str, Shard]
     synthetic: bool
+    label_names: list[str] | None = None  # see Splits
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[Split, Split, int]:
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Both splits, every file, column and label checked (this runs before the slow model load)."""
+    names = None
     if cfg.source == "synthetic":
         train, test = synthetic_topics(cfg, seed)
     elif cfg.source == "files":
-        train = _load_files(cfg, "train_file")
-        test = _load_files(cfg, "test_file")
+        train, test, names = _label_ids(_load_files(cfg, "train_file"), _load_files(cfg, "test_file"), cfg)
     else:
-        train, test = _load_hub(cfg)
+        train, test, names = _label_ids(*_load_hub(cfg), cfg)
     train, test = _limit(train, cfg.max_train, seed), _limit(test, cfg.max_test, seed + 1)
+    if names is not None:
+        return Splits(train, test, len(names), names)
     labels = set(train.labels) | set(test.labels)
     if min(labels) < 0:
         raise TestbedError(f"data.label_offset: labels become negative ({min(labels)}); "
                            f"check the offset ({cfg.label_offset})")
-    return train, test, max(labels) + 1
+    return Splits(train, test, max(labels) + 1)
 
 
-def _load_files(cfg: DataConfig, key: str) -> Split:
+# Local files by extension.  CSV is read as written by spreadsheets (quotes group a field); TSV
+# and TXT are plain tab-separated text: no quoting and no missing-value markers, so a field
+# with commas, quotes or "NA" in it is read exactly as written.
+FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+PLAIN_TEXT = {".tsv", ".txt"}
+
+
+def _load_files(cfg: DataConfig, key: str) -> Table:
     import datasets
 
     path = Path(getattr(cfg, key))
@@ -77,43 +112,126 @@ def _load_files(cfg: DataConfig, key: str) -> Split:
         raise TestbedError(f"data.{key}: required when data.source is 'files'")
     if not path.is_file():
         raise TestbedError(f"data.{key}: file not found: {path}")
-    kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
-    if kind is None:
-        raise TestbedError(f"data.{key}: {path}: unsupported file type (use .csv, .json, .jsonl or .parquet)")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise TestbedError(f"data.{key}: {path}: unsupported file type "
+                           f"(use .csv, .tsv, .txt, .json, .jsonl or .parquet)")
+    options = _reading_options(cfg, suffix, path)
     datasets.disable_progress_bars()
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+        table = datasets.load_dataset(FILE_TYPES[suffix], data_files=str(path), split="train", **options)
     except Exception as exc:  # datasets raises many kinds; the user needs the file and the reason
         raise TestbedError(f"data.{key}: cannot read {path}: {str(exc).splitlines()[0]}") from None
-    return _columns(table, cfg, f"data.{key} ({path})")
+    return _columns(table, cfg, key == "test_file", f"data.{key} ({path})")
 
 
-def _load_hub(cfg: DataConfig) -> tuple[Split, Split]:
+def _reading_options(cfg: DataConfig, suffix: str, path: Path) -> dict:
+    """What datasets' CSV reader is told for this file (its defaults are CSV's)."""
+    if suffix not in (".csv", *PLAIN_TEXT):
+        if cfg.delimiter:
+            raise TestbedError(f"data.delimiter: applies to .csv, .tsv and .txt files, not to {path}")
+        return {}
+    options = dict(quoting=csv.QUOTE_NONE, keep_default_na=False, sep="\t") if suffix in PLAIN_TEXT else {}
+    if cfg.delimiter:
+        sep = "\t" if cfg.delimiter == "\\t" else cfg.delimiter  # `\t` as typed after --set
+        if len(sep) != 1:
+            raise TestbedError(f"data.delimiter: {cfg.delimiter!r} is not one character (a tab: \"\\t\")")
+        options["sep"] = sep
+    return options
+
+
+def _load_hub(cfg: DataConfig) -> tuple[Table, Table]:
+    # Offline unless HF_HUB_OFFLINE=0 says otherwise: a dataset not in the cache then fails at
+    # once, instead of after a minute of retries where the hub cannot be reached.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
     if not cfg.hub_name:
         raise TestbedError("data.hub_name: required when data.source is 'hub'")
+    name = repr(cfg.hub_name) + (f" (configuration {cfg.hub_config!r})" if cfg.hub_config else "")
+    datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(cfg.hub_name)
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None)
+    except ConnectionError:
+        if not datasets.config.HF_HUB_OFFLINE:
+            raise TestbedError(f"data.hub_name: cannot reach the hub for {name}") from None
+        raise TestbedError(f"data.hub_name: {name} is not in the local cache, and the hub is not asked while "
+                           f"HF_HUB_OFFLINE=1; fetch it by running once with HF_HUB_OFFLINE=0") from None
     except Exception as exc:
-        raise TestbedError(f"data.hub_name: cannot load {cfg.hub_name!r}: {str(exc).splitlines()[0]}") from None
-    return (_columns(ds["train"], cfg, f"{cfg.hub_name}[train]"),
-            _columns(ds["test"], cfg, f"{cfg.hub_name}[test]"))
+        raise TestbedError(f"data.hub_name: cannot load {name}: {str(exc).splitlines()[0]}") from None
+    return _hub_split(ds, cfg, "train_split"), _hub_split(ds, cfg, "test_split")
 
 
-def _columns(table, cfg: DataConfig, where: str) -> Split:
-    for col in [*cfg.text_columns, cfg.label_column]:
+def _hub_split(ds, cfg: DataConfig, key: str) -> Table:
+    split = getattr(cfg, key)
+    if split not in ds:
+        raise TestbedError(f"data.{key}: no split {split!r} in {cfg.hub_name!r} (splits: {', '.join(ds)})")
+    table = _columns(ds[split], cfg, key == "test_split", f"{cfg.hub_name}[{split}]")
+    if table.labels and all(v == -1 for v in table.labels):  # how GLUE-style test splits hide theirs
+        hint = ("use data.test_split: validation" if key == "test_split" and "validation" in ds
+                else f"splits: {', '.join(ds)}")
+        raise TestbedError(f"data.{key}: {table.where} has no labels (every label is -1); {hint}")
+    return table
+
+
+def _columns(table, cfg: DataConfig, test: bool, where: str) -> Table:
+    """The text and label columns of one file or split: the test one's own where configured."""
+    text_key = "test_text_columns" if test and cfg.test_text_columns else "text_columns"
+    label_key = "test_label_column" if test and cfg.test_label_column else "label_column"
+    text_columns, label_column = getattr(cfg, text_key), getattr(cfg, label_key)
+    for key, col in [*((text_key, c) for c in text_columns), (label_key, label_column)]:
         if col not in table.column_names:
-            key = "label_column" if col == cfg.label_column else "text_columns"
             raise TestbedError(f"data.{key}: column {col!r} not in {where} "
                                f"(columns: {', '.join(table.column_names)})")
     texts = [" ".join(str(v) for v in row if v is not None)
-             for row in zip(*(table[c] for c in cfg.text_columns))]
+             for row in zip(*(table[c] for c in text_columns))]
+    return Table(where, f"data.{label_key}", texts, list(table[label_column]))
+
+
+def _label_ids(train: Table, test: Table, cfg: DataConfig) -> tuple[Split, Split, list[str] | None]:
+    """Labels as ids, and the names of string labels.  Integer labels are ids already (less
+    label_offset); others are named by `data.labels`, in its order, or else by the sorted
+    training labels."""
+    for table in (train, test):
+        if (row := next((i for i, v in enumerate(table.labels) if v is None or v == ""), None)) is not None:
+            raise TestbedError(f"{table.label_key}: {table.where} has no label in row {row + 1}")
+    if not cfg.labels and all(_is_int(v) for v in train.labels):
+        return Split(train.texts, _int_ids(train, cfg)), Split(test.texts, _int_ids(test, cfg)), None
+    if cfg.label_offset:
+        why = "data.labels names them" if cfg.labels else f"{train.where} holds string labels"
+        raise TestbedError(f"data.label_offset: applies to integer labels only ({why})")
+    names = cfg.labels or sorted({str(v) for v in train.labels})
+    if len(set(names)) < len(names):
+        raise TestbedError(f"data.labels: lists a label twice ({', '.join(names)})")
+    ids = {name: i for i, name in enumerate(names)}
+    for table, known in ((train, "data.labels"), (test, "data.labels" if cfg.labels else "the training labels")):
+        if (bad := next((v for v in table.labels if str(v) not in ids), None)) is not None:
+            raise TestbedError(f"{'data.labels' if cfg.labels else table.label_key}: {table.where} has label "
+                               f"{str(bad)!r}, which is not among {known} ({', '.join(names)})")
+    return (Split(train.texts, [ids[str(v)] for v in train.labels]),
+            Split(test.texts, [ids[str(v)] for v in test.labels]), names)
+
+
+def _is_int(value) -> bool:
     try:
-        labels = [int(v) - cfg.label_offset for v in table[cfg.label_column]]
+        int(value)
     except (TypeError, ValueError):
-        raise TestbedError(f"data.label_column: {cfg.label_column!r} in {where} holds non-integer labels") from None
-    return Split(texts, labels)
+        return False
+    return True
+
+
+def _int_ids(table: Table, cfg: DataConfig) -> list[int]:
+    if (bad := next((v for v in table.labels if not _is_int(v)), None)) is not None:
+        raise TestbedError(f"{table.label_key}: {table.where} has label {bad!r}, not an integer "
+                           f"as the training labels are")
+    return [int(v) - cfg.label_offset for v in table.labels]
+
+
+def write_labels(names: list[str] | None, folder: Path) -> None:
+    """labels.json in a run directory: string labels' names, by id (none for integer labels)."""
+    if names is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "labels.json", (json.dumps(names) + "\n").encode())
 
 
 def _limit(split: Split, n: int, seed: int) -> Split:

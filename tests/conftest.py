@@ -1,17 +1,14 @@
-"""Fixtures: tiny random models saved like real ones, the AG News sample."""
+"""Fixtures: tiny random models saved like real ones."""
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from testbed.model.tiny import save_tiny_bert  # noqa: E402
-from tests.helpers import AG_NEWS  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -39,10 +36,3 @@ def tiny_llama(tmp_path_factory) -> str:
     LlamaForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture
-def ag_news() -> Path:
-    if not (AG_NEWS / "train.csv").is_file():
-        pytest.skip(f"the AG News sample is not at {AG_NEWS}")
-    return AG_NEWS

@@ -21,7 +21,7 @@ from testbed.model.backbone import Backbone
 from testbed.model.load import wrap_model
 
 ROOT = Path(__file__).resolve().parent.parent
-AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news"
+AG_NEWS = ROOT / "data" / "ag_news"  # the AG News sample shipped with the project
 # For the processes a test starts (mpirun refuses root unless told).
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}

@@ -13,7 +13,7 @@ from testbed.core.config import from_dict, load_config
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.runs import read_rows, strip_wall
 from testbed.model.tiny import tiny_config
-from tests.helpers import ROOT, cli
+from tests.helpers import AG_NEWS, ROOT, cli
 
 
 def test_run_writes_config_metrics_and_summary(tiny_bert, tmp_path):
@@ -76,14 +76,24 @@ def test_cli_user_errors_are_one_line(tiny_bert, tmp_path, overrides, culprit):
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_label_column_on_real_csv(ag_news, tiny_bert, tmp_path):
-    cfg = tiny_config(tiny_bert, **{"data.source": "files", "data.train_file": str(ag_news / "train.csv"),
-                                    "data.test_file": str(ag_news / "test.csv"), "data.label_column": "topic",
+def test_missing_label_column_on_real_csv(tiny_bert, tmp_path):
+    cfg = tiny_config(tiny_bert, **{"data.source": "files", "data.train_file": str(AG_NEWS / "train.csv"),
+                                    "data.test_file": str(AG_NEWS / "test.csv"), "data.label_column": "topic",
                                     "data.text_columns": ["title", "description"]})
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(cfg))
     proc = cli(["run", str(config), "--quiet"], cwd=tmp_path)
     assert proc.returncode == 2 and "data.label_column: column 'topic'" in proc.stderr
+
+
+def test_string_labels_are_printed_and_kept_in_the_run_directory(tiny_bert, tmp_path, capsys):
+    rows = "".join(f"{w} film\t{y}\n" for w, y in [("fine", "pos"), ("awful", "neg"), ("dull", "neg")] * 30)
+    (tmp_path / "films.tsv").write_text("review\tverdict\n" + rows)
+    data = {"source": "files", "train_file": str(tmp_path / "films.tsv"), "test_file": str(tmp_path / "films.tsv"),
+            "text_columns": ["review"], "label_column": "verdict", "labels": ["pos", "neg"]}
+    run_inprocess(from_dict(tiny_config(tiny_bert, rounds=1, data=data)), tmp_path / "run", quiet=True)
+    assert [l for l in capsys.readouterr().err.splitlines() if "labels" in l] == ["testbed: labels pos=0, neg=1"]
+    assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["pos", "neg"]
 
 
 def test_a_killed_run_resumes_to_the_same_metrics(tiny_bert, tmp_path):

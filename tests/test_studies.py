@@ -20,8 +20,6 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    if not (AG_NEWS / "train.csv").is_file():
-        pytest.skip(f"the AG News sample is not at {AG_NEWS}")
     out = tmp_path_factory.mktemp("study")
     sets = [f"data.train_file={AG_NEWS / 'train.csv'}", f"data.test_file={AG_NEWS / 'test.csv'}", "rounds=5",
             "train.local_steps=6", "model.max_length=32", "data.max_test=200",

@@ -48,18 +48,38 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """What is trained and tested on, and how the training rows are split among the devices
-    (each device keeps a validation split of its own shard)."""
+    (each device keeps a validation split of its own shard).
+
+    Local files (`source: files`) are read by extension: `.csv`; `.tsv` and `.txt`, tab-separated
+    text read exactly as written (no quoting: quotes and commas are text); `.json`, `.jsonl`;
+    `.parquet`. Each has a header row or field names. Integer labels are class ids (less
+    `label_offset`); any other labels (`pos`, `neg`) get ids in the order `labels` lists them,
+    else in sorted order of the training labels, and the run prints them and keeps them in
+    `labels.json`. A test label the training data never has is refused. Files, columns and labels
+    are checked before the model loads."""
 
     source: str = option("synthetic", choices=("synthetic", "files", "hub"),
                          doc="generated topic sentences (offline), local files, or a dataset on the Hugging Face hub")
-    hub_name: str = option("", doc="dataset name on the hub (source: hub)")
-    train_file: str = option("", doc="CSV, JSON, JSONL or Parquet file, relative to the working directory "
-                                     "(source: files)")
-    test_file: str = option("", doc="CSV, JSON, JSONL or Parquet file, relative to the working directory "
-                                    "(source: files)")
+    hub_name: str = option("", doc="dataset name on the hub, or a local dataset directory (source: hub); read "
+                                   "from the local cache unless HF_HUB_OFFLINE=0")
+    hub_config: str = option("", doc="the dataset's configuration (subset), e.g. 'sst2' of 'glue' (source: hub)")
+    train_split: str = option("train", doc="split trained on (source: hub)")
+    test_split: str = option("test", doc="split tested on (source: hub); 'validation' where the test split "
+                                         "carries no labels (all -1, as in GLUE)")
+    train_file: str = option("", doc="CSV, TSV, TXT, JSON, JSONL or Parquet file, relative to the working "
+                                     "directory (source: files)")
+    test_file: str = option("", doc="CSV, TSV, TXT, JSON, JSONL or Parquet file, relative to the working "
+                                    "directory (source: files)")
+    delimiter: str = option("", doc="field separator of .csv, .tsv and .txt files, one character ('\\t' for a "
+                                    "tab); default: ',' for .csv, a tab for .tsv and .txt")
     text_columns: list[str] = option(["text"], doc="columns that make an example's text, joined with a space")
-    label_column: str = option("label", doc="column of integer class labels")
-    label_offset: int = option(0, doc="subtracted from every label (1 for 1-based labels)")
+    label_column: str = option("label", doc="column of class labels: integers, or strings such as 'pos'")
+    test_text_columns: list[str] = option([], doc="the test file's (or split's) text columns; default: "
+                                                  "text_columns")
+    test_label_column: str = option("", doc="the test file's (or split's) label column; default: label_column")
+    labels: list[str] = option([], doc="the label values in id order (id 0 first); default: integer labels as "
+                                       "they are, others sorted")
+    label_offset: int = option(0, doc="subtracted from every integer label (1 for 1-based labels)")
     max_train: int = option(0, lo=0, doc="training rows used, a seeded sample; 0 = all rows")
     max_test: int = option(0, lo=0, doc="test rows used, a seeded sample; 0 = all rows")
     partition: str = option("iid", choices=("iid", "dirichlet"),

@@ -1,6 +1,7 @@
 """Everything a run needs before its first round: config, data, model, devices."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -35,12 +36,14 @@ def setup(cfg: ExperimentConfig, agent: bool = False) -> Experiment:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     devices = {d.name: d for d in devices_from_config(cfg.devices)}
-    train, test, num_labels = load_splits(cfg.data, cfg.seed)
-    shards = partition(train.labels, list(devices), cfg.data, cfg.seed)  # before the slow model load
-    bb = load_backbone(cfg.model, num_labels, cfg.seed, resident=not agent)
-    data = Dataset(tokenize(bb.tokenizer, train, cfg.model.max_length),
-                   tokenize(bb.tokenizer, test, cfg.model.max_length),
-                   num_labels, shards, cfg.data.source == "synthetic")
+    splits = load_splits(cfg.data, cfg.seed)
+    shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)  # before the slow model load
+    if splits.label_names and not agent:
+        print("testbed: labels " + ", ".join(f"{n}={i}" for i, n in enumerate(splits.label_names)), file=sys.stderr)
+    bb = load_backbone(cfg.model, splits.num_labels, cfg.seed, resident=not agent)
+    data = Dataset(tokenize(bb.tokenizer, splits.train, cfg.model.max_length),
+                   tokenize(bb.tokenizer, splits.test, cfg.model.max_length),
+                   splits.num_labels, shards, cfg.data.source == "synthetic", splits.label_names)
     info = model_info(bb)
     if agent:
         return Experiment(cfg, bb, info, data, devices, None)
