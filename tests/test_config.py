@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.core.config import ExperimentConfig, load_config, save_config
+from testbed.core.config import (FALLBACK_LR, MEASURED_LR, ExperimentConfig,
+                                 check_same_experiment, load_config, save_config)
 from testbed.core.errors import TestbedError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ def test_defaults_and_stable_top_level_keys(tmp_path):
     ({"devices": {"reference": {"count": 0}}}, "devices.reference.count", "below the minimum"),
     ({"model": {"lora": {"rank": True}}}, "model.lora.rank", "expected int"),
     ({"target_accuracy": 1.5}, "target_accuracy", "above the maximum"),
+    ({"train": {"lr": "fast"}}, "train.lr", "expected float or 'auto'"),
 ])
 def test_bad_values_name_file_and_dotted_key(tmp_path, data, key, words):
     path = write(tmp_path, data)
@@ -76,3 +78,16 @@ def test_resolved_config_round_trips(tmp_path):
     out = tmp_path / "resolved.yaml"
     save_config(cfg, out)
     assert load_config(out) == cfg
+
+
+def test_lr_auto_is_the_models_measured_default_and_an_explicit_lr_is_kept(tmp_path):
+    assert load_config(write(tmp_path, {})).train.lr == MEASURED_LR["minilm"]
+    assert load_config(write(tmp_path, {}), ["train.lr=auto"]).train.lr == MEASURED_LR["minilm"]
+    assert load_config(write(tmp_path, {"model": {"name": "org/unmeasured"}})).train.lr == FALLBACK_LR
+    for lr in (FALLBACK_LR, 1e-3, 0.0):  # any number, even a table's, is the config's own
+        assert load_config(write(tmp_path, {"train": {"lr": lr}})).train.lr == lr
+    # The run directory records the number, so a resume with `auto` matches it while the table does.
+    cfg = load_config(write(tmp_path, {}))
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == MEASURED_LR["minilm"]
+    check_same_experiment(cfg, tmp_path / "config.yaml")

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -93,13 +93,27 @@ class DataConfig:
     synthetic_classes: int = option(4, lo=2, hi=8, doc="topics to tell apart (source: synthetic)")
 
 
+# `train.lr: auto`, by model.name: the learning rate bench/lr.py measured as best for LoRA on the model
+# (docs/benchmarks.md, "Learning rate").  A model not measured gets FALLBACK_LR, a cautious value.
+MEASURED_LR = {"minilm": 2e-3}
+FALLBACK_LR = 5e-4
+
+
+def default_lr(model_name: str) -> float:
+    return MEASURED_LR.get(model_name, FALLBACK_LR)
+
+
 @dataclass
 class TrainConfig:
     """Each device's local training in a round, and evaluation."""
 
     local_steps: int = option(10, lo=1, doc="optimizer steps each device takes in a round")
     batch_size: int = option(16, lo=1, doc="training examples per step")
-    lr: float = option(5e-4, lo=0, doc="learning rate of each device's AdamW")
+    lr: float | Literal["auto"] = option(
+        "auto", lo=0, doc="learning rate of each device's AdamW; auto: the one measured for the model ("
+                          + ", ".join(f"{m}: {v:g}" for m, v in MEASURED_LR.items())
+                          + f"; docs/benchmarks.md), {FALLBACK_LR:g} for any other; the run's config.yaml "
+                            "records the number")
     weight_decay: float = option(0.0, lo=0, doc="AdamW weight decay")
     eval_batch_size: int = option(64, lo=1, doc="examples per batch when the global model is evaluated")
 
@@ -158,6 +172,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wire: WireConfig = field(default_factory=WireConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        # Resolved here, as the config is read, so that everything after (plans, the run's config.yaml,
+        # resume and compare checks) sees the number, and a resume refuses a default that has changed.
+        if self.train.lr == "auto":
+            self.train = dataclasses.replace(self.train, lr=default_lr(self.model.name))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
@@ -280,7 +300,12 @@ def _convert(tp: Any, value: Any, key: str, source: str, meta: Any) -> Any:
             value = {"count": value}  # `jetson-tx2: 4` is short for `{count: 4}`
         return _build(tp, value, key, source)
     if origin in (typing.Union, types.UnionType):
-        return _convert(next(a for a in typing.get_args(tp) if a is not type(None)), value, key, source, meta)
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if isinstance(value, str) and value in words:  # a word the field takes besides its type: `lr: auto`
+            return value
+        base = next(a for a in args if typing.get_origin(a) is not Literal)
+        return _convert(base, value, key, source, {**(meta or {}), "words": words})
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -306,7 +331,8 @@ def _check_scalar(tp: type, value: Any, key: str, source: str, meta: Any) -> Any
         except ValueError:
             pass
     if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
-        raise TestbedError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
+        expected = " or ".join([tp.__name__, *map(repr, meta.get("words", ()))])
+        raise TestbedError(f"{source}: {key}: expected {expected}, got {value!r}")
     if tp is float and not math.isfinite(value):
         raise TestbedError(f"{source}: {key}: {value!r} is not a finite number")
     lo, hi, gt, choices = meta.get("lo"), meta.get("hi"), meta.get("gt"), meta.get("choices")

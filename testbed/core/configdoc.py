@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import json
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,11 @@ def key(f: dataclasses.Field, prefix: str, tp: Any) -> Key:
 
 
 def type_name(tp: Any) -> str:
+    """`float or "auto"` for `float | Literal["auto"]`."""
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(json.dumps(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
