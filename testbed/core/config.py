@@ -39,7 +39,8 @@ class ModelConfig:
 
     name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
     max_length: int = option(64, lo=4, hi=8192, doc="tokens per example: longer texts are truncated, shorter padded")
-    threads: int = option(2, lo=0, doc="torch threads per process; 0 leaves torch's default")
+    threads: int = option(0, lo=0, doc="torch threads per process; 0 = auto: the cores this process may use "
+                                        "(affinity, cgroup CPU quota) that other processes leave free, at least 1")
     profile: str = option("", doc="DeviceProfile the device classes' speeds are relative to; "
                                   "default: the one shipped for the model, else FLOP counts")
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -149,7 +150,8 @@ class DistConfig:
     master_addr: str = option("", doc="rendezvous address of rank 0; default: its address on ifname, or loopback")
     master_port: int = option(0, lo=0, hi=65535, doc="0 = a free port chosen by rank 0")
     threads: int = option(1, lo=0, doc="torch threads per rank, in place of model.threads (ranks usually share "
-                                       "cores); 0 = model.threads")
+                                       "cores, and a rank's auto does not see the ranks starting beside it); "
+                                       "0 = model.threads")
     profile: bool = option(True, doc="each agent profiles its device when it joins (about 8 s for MiniLM)")
 
 

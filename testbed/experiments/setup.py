@@ -10,6 +10,7 @@ from testbed.core.config import ExperimentConfig, ModelConfig
 from testbed.core.devices import devices_from_config
 from testbed.data import Dataset, load_splits, partition, tokenize
 from testbed.measure.activations import measure_activations
+from testbed.measure.cores import cpu_load
 from testbed.measure.profiler import (DeviceProfile, analytic_profile,
                                       fingerprint, load_profile)
 from testbed.model.info import ModelInfo, model_info
@@ -31,10 +32,30 @@ def reference_profile(cfg: ModelConfig, info: ModelInfo) -> DeviceProfile:
     return analytic_profile(info, cfg.name, cfg.max_length, REFERENCE_GFLOPS)
 
 
+def set_threads(cfg: ModelConfig) -> None:
+    """torch's threads: `model.threads`, or with 0 the cores other processes leave free.  One line
+    on stderr when the CPU is oversubscribed, save with an explicit 1 (nothing left to lower)."""
+    if cfg.threads == 1:
+        torch.set_num_threads(1)
+        return
+    load = cpu_load()
+    threads = cfg.threads or load.free
+    torch.set_num_threads(threads)
+    if load.oversubscribed(threads):
+        quota = f" (cgroup quota {load.quota:g})" if load.quota else ""
+        seen = (f"the CPU is oversubscribed: other processes keep {load.others:.1f} threads runnable "
+                f"on the {load.cores} CPUs this run may use{quota}")
+        if cfg.threads:
+            print(f"testbed: warning: {seen}, and model.threads is {threads}: threads that share a core wait "
+                  "for each other (model.threads: 0 takes only the free cores)", file=sys.stderr)
+        else:
+            print(f"testbed: warning: {seen}: running 1 torch thread (model.threads: 0, auto), slower than "
+                  "on a quiet machine", file=sys.stderr)
+
+
 def setup(cfg: ExperimentConfig, agent: bool = False) -> Experiment:
     """`agent`: for an agent process, whose backbone reads layers only when a plan runs them."""
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
+    set_threads(cfg.model)
     devices = {d.name: d for d in devices_from_config(cfg.devices)}
     splits = load_splits(cfg.data, cfg.seed)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)  # before the slow model load

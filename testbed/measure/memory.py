@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from testbed.measure.cgroups import cgroup_dirs
+
 MIB = 1 << 20  # every memory (and traffic) figure is in MiB; keys ending in _mb hold MiB
 
 
@@ -98,28 +100,7 @@ def reset_peak_rss() -> None:
 
 # -- the memory a process may use, and whether the kernel killed for it --------------------------
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
-
-
-def _cgroup_dirs() -> list[Path]:
-    """This process's memory cgroup directories (v1 or v2), its own first, then its ancestors'."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            top = CGROUP_ROOT / "memory"
-            break
-    else:  # v2: one hierarchy, the line "0::/path"
-        path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
-        if path is None:
-            return []
-        top = CGROUP_ROOT
-    own = top / path.lstrip("/")
-    return [d for d in [own, *own.parents] if d.is_relative_to(top) and d.is_dir()]
 
 
 def _read_number(path: Path) -> int | None:
@@ -132,7 +113,7 @@ def _read_number(path: Path) -> int | None:
 
 def memory_limit_mb() -> float:
     """The memory this process may use: the least of its cgroups' limits and the machine's RAM."""
-    limits = [_read_number(d / name) for d in _cgroup_dirs() for name in ("memory.limit_in_bytes", "memory.max")]
+    limits = [_read_number(d / name) for d in cgroup_dirs("memory") for name in ("memory.limit_in_bytes", "memory.max")]
     total_kb = 0.0
     try:
         total_kb = next(float(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
@@ -147,7 +128,7 @@ def oom_kills() -> int:
     """Processes the kernel's OOM killer has killed in this process's memory cgroup (with its
     descendants), or on the machine where the cgroup has no count: a rise across a process's
     life, when it died of SIGKILL, says the OOM killer took it."""
-    for d in _cgroup_dirs()[:1]:
+    for d in cgroup_dirs("memory")[:1]:
         for name in ("memory.events", "memory.oom_control"):  # v2, v1 (kernel 4.13+)
             try:
                 for line in (d / name).read_text().splitlines():
