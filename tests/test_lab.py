@@ -13,7 +13,7 @@ import paramiko
 import pytest
 
 from launch import lab
-from launch.mpi import main
+from testbed.cli import main
 from testbed.core.errors import TestbedError
 from tests.helpers import NO_LAB, ROOT, lab_test, leftovers
 
