@@ -94,12 +94,8 @@ class DataConfig:
     synthetic_classes: int = option(4, lo=2, hi=8, doc="topics to tell apart (source: synthetic)")
 
 
-# `train.lr: auto`, by model.name: the learning rate measured as best for LoRA on the model, on a
-# validation split of 800 training rows held out (FedLoRA, 4 IID devices, every other key at its
-# default).  MiniLM on AG News: 5e-4 0.698, 1e-3 0.804, 2e-3 0.864, 4e-3 0.885 / 0.893, 8e-3
-# 0.894 / 0.878 / 0.903, 1.6e-2 0.823 (seeds 0 / 1 / 2); on the synthetic topics 4e-3 and 8e-3
-# both reach 0.996-1.0.  4e-3: as good as 8e-3 on the seeds run, with less spread (every value on
-# seed 0, the best ones on more).  A model not measured gets FALLBACK_LR, a cautious value.
+# `train.lr: auto`, by model.name: the learning rate bench/lr.py measured as best for LoRA on the model
+# (docs/benchmarks.md, "Learning rate").  A model not measured gets FALLBACK_LR, a cautious value.
 MEASURED_LR = {"minilm": 4e-3}
 FALLBACK_LR = 5e-4
 
