@@ -217,7 +217,9 @@ def run_study(study: Study, log=sys.stderr) -> list[Path]:
         if status[cell.name] == "done":
             continue
         start = time.perf_counter()
-        summary = run_inprocess(cell.cfg, study.out / cell.name, quiet=True, resume=status[cell.name] == "resume")
+        # force: a `new` cell's directory holds at most a start of this very cell (cell_status checked it)
+        summary = run_inprocess(cell.cfg, study.out / cell.name, quiet=True, resume=status[cell.name] == "resume",
+                                force=True)
         spent.append(time.perf_counter() - start)
         remaining = len(left) - len(spent)
         ttt = summary["time_to_target_s"]
