@@ -137,3 +137,12 @@ def test_sigterm_stops_with_a_resume_hint_and_every_round_has_one_row(tiny_bert,
     assert [r["round"] for r in read_rows(out)] == list(range(done + 1))  # one row per round
     assert "failures           1 (1 restart)" in resumed.stdout  # the stop is on record, by name
     assert "None" not in resumed.stdout
+
+
+def test_deploy_refuses_an_out_holding_a_run_before_touching_a_host(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    proc = cli(["deploy", "-i", "inventory/jetsons.yaml", "examples/quickstart.yaml", "--out", str(out)])
+    assert proc.returncode == 2 and f"{out} holds a run already (summary.json)" in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1  # no host was tried
