@@ -24,8 +24,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-demo: install
-	$(BIN)/testbed run examples/quickstart.yaml --out runs/quickstart
+demo: install  # --force: a second `make demo` replaces the first one's run
+	$(BIN)/testbed run examples/quickstart.yaml --out runs/quickstart --force
 
 test: install
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ the raw mapping first, so they are validated exactly like the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -232,7 +233,7 @@ def save_config(cfg: ExperimentConfig, path: Path) -> None:
 
 def _strategy_options(name: str, source: str) -> type:
     if name not in STRATEGY_OPTIONS:
-        raise TestbedError(f"{source}: strategy.name: unknown strategy {name!r} "
+        raise TestbedError(f"{source}: strategy.name: unknown strategy {name!r}{did_you_mean(name, STRATEGY_OPTIONS)} "
                            f"(known: {', '.join(sorted(STRATEGY_OPTIONS))})")
     return STRATEGY_OPTIONS[name]
 
@@ -286,7 +287,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise TestbedError(f"{source}: {_dot(prefix, str(key))}: unknown key "
+            raise TestbedError(f"{source}: {_dot(prefix, str(key))}: unknown key{did_you_mean(str(key), known)} "
                                f"(known: {', '.join(known)})")
     values = {}
     for name, f in known.items():
@@ -347,6 +348,12 @@ def _check_scalar(tp: type, value: Any, key: str, source: str, meta: Any) -> Any
     if choices and value not in choices:
         raise TestbedError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
     return value
+
+
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    """`; did you mean `lr`?` for the known name closest to a misspelt one, if one is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def _dot(prefix: str, name: str) -> str:

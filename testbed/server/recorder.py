@@ -2,6 +2,7 @@
 failures, and summary.json at the end."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class RunRecorder:
         if resumed:
             self.note_restart()
         out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)  # a summary is of a finished run; this one is not, yet
         save_config(exp.cfg, out / "config.yaml")
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.record.rows).encode())
 
@@ -83,7 +85,7 @@ class RunRecorder:
         logged = metrics.read_text().count("\n") if metrics.is_file() else 0
         redone = max(0, logged - done)
         self.record.failures.append({"round": done, "device": "aggregator", "kind": "restart",
-                                     "detail": f"stopped after round {done - 1}; resumed from its checkpoint "
+                                     "detail": f"stopped with {done} rounds done; resumed from its checkpoint "
                                                f"({redone} later round(s) in the log run again)"})
 
     def round(self, r: int, plans: dict[str, Plan], updates: list[Update], failures: list[Failure],
@@ -182,12 +184,16 @@ def data_label(cfg: ExperimentConfig) -> str:
 
 
 def table(summary: dict) -> str:
-    def fmt(v):
+    def fmt(key: str, v) -> str:
+        if v is None:  # only the time to target, never reached, or an accuracy never evaluated
+            return "not reached" if key == "time_to_target_s" else "n/a"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     keys = ["method", "data", "rounds", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
             "clock", "clock_s", "wall_s", "bytes_up", "bytes_down", "peak_train_mem_mb", "peak_rss_mb"]
     width = max(map(len, keys))
-    lines = [f"{k:<{width}}  {fmt(summary[k])}" for k in keys]
-    lines.append(f"{'failures':<{width}}  {len(summary['failures'])}")
+    lines = [f"{k:<{width}}  {fmt(k, summary[k])}" for k in keys]
+    kinds = collections.Counter(f["kind"] for f in summary["failures"])
+    lines.append(f"{'failures':<{width}}  {sum(kinds.values())}"
+                 + (f" ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""))
     return "\n".join(lines)
