@@ -56,6 +56,20 @@ def test_fedlora_on_minilm_learns_the_synthetic_task(tmp_path):
     assert summary["final_accuracy"] > 0.6  # chance is 0.25
 
 
+@pytest.mark.model
+def test_the_thread_count_changes_speed_not_metrics(tmp_path):
+    """model.threads: 0 (auto) picks a count from the machine's load, so a run's metrics must not
+    depend on it: MiniLM's rows at 1 and 2 threads are equal, but for wall times."""
+    try:
+        for threads in (1, 2):
+            cfg = tiny_config("minilm", **{"model.max_length": 32, "model.threads": threads, "train.local_steps": 4,
+                                           "strategy.name": "legend", "devices": {"laptop": 2}})
+            run_inprocess(from_dict(cfg), tmp_path / f"t{threads}", quiet=True)
+    finally:
+        torch.set_num_threads(1)
+    assert strip_wall(read_rows(tmp_path / "t1")) == strip_wall(read_rows(tmp_path / "t2"))
+
+
 @pytest.mark.parametrize("overrides, culprit", [
     (["data.source=files", "data.train_file=missing.csv", "data.test_file=missing.csv"], "data.train_file"),
     (["model.name=no-such-org/no-such-model"], "model.name"),

@@ -40,8 +40,9 @@ class ModelConfig:
 
     name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
     max_length: int = option(64, lo=4, hi=8192, doc="tokens per example: longer texts are truncated, shorter padded")
-    threads: int = option(2, lo=0, doc="torch threads per process; 0 = auto: the cores this process may use "
-                                        "(affinity, cgroup CPU quota) that other processes leave free, at least 1")
+    threads: int = option(0, lo=0, doc="torch threads per process; 0 = auto: the cores this process may use "
+                                        "(affinity, cgroup CPU quota) that other processes leave free, at least 1; "
+                                        "metrics do not depend on it")
     profile: str = option("", doc="DeviceProfile the device classes' speeds are relative to; "
                                   "default: the one shipped for the model, else FLOP counts")
     lora: LoraConfig = field(default_factory=LoraConfig)
