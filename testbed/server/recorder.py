@@ -179,7 +179,10 @@ def data_label(cfg: ExperimentConfig) -> str:
     d = cfg.data
     if d.source == "synthetic":
         return f"synthetic topics ({d.synthetic_classes} classes, generated)"
-    name = d.hub_name if d.source == "hub" else Path(d.train_file).name
+    if d.source == "hub":
+        name = f"{d.hub_name}/{d.hub_config}" if d.hub_config else d.hub_name
+    else:
+        name = Path(d.train_file).name
     return f"{name} ({d.partition}{f', alpha={d.alpha:g}' if d.partition == 'dirichlet' else ''})"
 
 
