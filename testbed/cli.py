@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("-i", "--inventory", help="also check the config deployed on this inventory's hosts")
     check.set_defaults(func=cmd_check)
     init = sub.add_parser("init", help="write a commented starting config")
-    init.add_argument("--data", metavar="FILE", help="train on this file (CSV, JSON, JSONL or Parquet); "
+    init.add_argument("--data", metavar="FILE", help="train on this file (CSV, TSV, TXT, JSON, JSONL or Parquet); "
                                                     "default: the generated synthetic task")
     init.add_argument("--test", metavar="FILE", help="test on this file (default: the --data file itself)")
     init.add_argument("--text", action="append", metavar="COLUMN",
