@@ -3,7 +3,8 @@
 The agent is the same object under every transport; only how its inputs arrive
 and its Update leaves differs.  Before it trains, it makes resident exactly the layers (and
 blocks) its plan runs: on a backbone with a layer store (a dist agent) pruned layers are then
-not in memory at all.  Peak RSS is measured per round.
+not in memory at all.  Peak RSS is measured per round, and the energy the host's power sensors
+count where it has them (testbed.measure.power).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from testbed.core.plan import (HeadState, Job, LayerProbe, LoraState, Plan,
 from testbed.data import Shard, Tokens
 from testbed.measure.evaluate import evaluate
 from testbed.measure.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
+from testbed.measure.power import find_meter
 from testbed.measure.probe import probe_layers
 from testbed.model.backbone import Backbone
 from testbed.model.info import model_info
@@ -35,8 +37,21 @@ class Agent:
         self.tokens = tokens
         self.shard = shard
         self.personal: LoraState = {}  # layers whose LoRA stays here (PTLS)
+        self.meter = find_meter()  # None where the host has no power sensors we can read
 
     def run(self, round: int, job: Job) -> Update:
+        """The round's work, metered where the host has power sensors."""
+        if self.meter is None:
+            return self._run(round, job)
+        self.meter.start()
+        try:
+            update = self._run(round, job)
+        finally:
+            joules = self.meter.stop()
+        update.report.measured_energy_j = joules
+        return update
+
+    def _run(self, round: int, job: Job) -> Update:
         reset_peak_rss()
         plan, head = job.plan, job.head
         lora = {**job.lora, **self._personal_layers(plan)}

@@ -109,6 +109,8 @@ class Report:
     val_accuracy: float = 0.0
     val_loss_before: float = 0.0
     val_loss: float = 0.0
+    # Only where the host has them (None elsewhere):
+    measured_energy_j: float | None = None  # joules the host's power sensors counted over the round
 
 
 @dataclass

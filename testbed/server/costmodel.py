@@ -20,6 +20,9 @@ Strategies reason about devices only through this.
   attention scores' 4 x length x hidden for the attention block).
 - A device-side probe (plan.probe_rows) runs the whole model forward once, then once per unit
   with that unit skipped, on the probe rows: charged at the profile's frozen forward times.
+- Validation (plan.validate) runs the device's model forward over its validation rows before and
+  after training: its resident layers' forward times (with LoRA at the plan's rank), embeddings and
+  the head.  The round's clock does not count it; the device's busy seconds, and so its energy, do.
 """
 from __future__ import annotations
 
@@ -93,6 +96,25 @@ class CostModel:
         passes = 1 + n * (2 if plan.probe_blocks else 1)
         tokens = plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len)
         return passes * (p.embed_s + sum(p.forward_frozen_s)) * tokens / device.speed
+
+    def validation_seconds(self, device: Device, plan: Plan, rows: int) -> float:
+        """Validating the device's model on `rows` rows, before and after training (0 if the plan
+        does not ask)."""
+        if not plan.validate or not rows:
+            return 0.0
+        p, n = self.profile, self.info.num_layers
+        forward = p.embed_s + p.head_s
+        for layer in plan.resident(n):
+            rank = plan.ranks.get(layer, 0)
+            layer_s = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
+            forward += layer_s * self.block_share(plan.block(layer))
+        tokens = rows * self.seq_len / (p.batch_size * p.seq_len)
+        return 2 * forward * tokens / device.speed
+
+    def busy_seconds(self, device: Device, plan: Plan, val_rows: int) -> float:
+        """The seconds the device computes in a round: training, the probe and validation."""
+        return (plan.local_steps * self.step_seconds(device, plan) + self.probe_seconds(device, plan)
+                + self.validation_seconds(device, plan, val_rows))
 
     def lora_params(self, plan: Plan, layers: list[int]) -> int:
         per_rank = sum(o + i for o, i in self.info.shapes.values())
