@@ -3,7 +3,9 @@
 The footprint is what training must hold at its peak: resident parameters, LoRA
 gradients, optimizer state, and the tensors autograd saves for backward (counted
 with saved_tensors_hooks, each storage once, parameters excluded since they are
-already resident).
+already resident).  Every tensor counts at its own dtype: a half-precision base
+(`model.dtype`), float32 LoRA, and under autocast (`train.precision`) half-precision
+activations and the casts of float32 weights that backward keeps.
 
 Peak RSS is per round where Linux lets a process reset its high-water mark
 (`/proc/self/clear_refs`, since 4.0): an agent's figure then says what *this* round held,

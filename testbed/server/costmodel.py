@@ -3,10 +3,11 @@
 Strategies reason about devices only through this.
 - Bytes: what the wire sends for the plan's messages, computed from their layout (the LoRA
   slices the plan shares, the head, the header), exact up to a few header bytes.
-- Memory: resident parameters (the plan's layers plus embeddings and head), LoRA weights with
-  their gradients and AdamW state, and the activations saved for backward by the layers at
-  or above the lowest LoRA layer (below it nothing is saved).  Saved bytes per token are
-  counted once per run on the real model (`measure_activations`), so the figure is exact for
+- Memory: resident parameters (the plan's layers plus embeddings and head, at `model.dtype`),
+  float32 LoRA weights with their gradients and AdamW state, and the activations saved for
+  backward by the layers at or above the lowest LoRA layer (below it nothing is saved).  Saved
+  bytes per token are counted once per run on the real model (`measure_activations`, in the
+  run's precision: autocast's copies of weights included), so the figure is exact for
   the run's sequence length; memory is the worst case over dropout (every layer runs, or
   under `max_active` the layers that save the most).
 - Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
@@ -65,6 +66,7 @@ class CostModel:
     head_shapes: dict[str, tuple[int, ...]]
     profile: DeviceProfile
     wire_dtype: torch.dtype = torch.float32
+    base_dtype: torch.dtype = torch.float32  # model.dtype: the frozen base's; LoRA and the head are float32
 
     def step_seconds(self, device: Device, plan: Plan) -> float:
         p, n = self.profile, self.info.num_layers
@@ -158,7 +160,7 @@ class CostModel:
         saving = sorted((per_layer[plan.block(l)] for l in plan.resident(n) if l >= lowest), reverse=True)
         saved = tokens * (act.fixed + sum(saving[: plan.max_active or None]))  # the worst step under the cap
         head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
-        return int((resident + 4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
+        return int(resident * self.base_dtype.itemsize + (4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
 
     def fits(self, device: Device, plan: Plan) -> bool:
         return self.peak_memory_bytes(device, plan) <= device.memory_mb * MIB
