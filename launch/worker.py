@@ -20,6 +20,7 @@ from testbed.experiments.setup import setup
 from testbed.measure.memory import (MIB, MemoryMeasure, memory_limit_mb,
                                     peak_rss_mb, reset_peak_rss, rss_mb)
 from testbed.measure.profiler import profile_device
+from testbed.model.placement import describe
 from testbed.model.residency import hold
 from testbed.server.experiment import Experiment
 
@@ -74,7 +75,8 @@ def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
         hold(exp.bb, [])
         log.info("profiled this device in %.1f s (batch %d); memory limit %.0f MiB, %.0f MiB in use before",
                  time.perf_counter() - start, batch, memory.limit_mb, memory.base_mb)
-    send_hello(Hello(profile, memory), key)
+    place = exp.bb.placement
+    send_hello(Hello(profile, memory, f"{describe(place.device)}, {place.precision}"), key)
     echo_probes(patience_s(cfg))
 
 

@@ -187,9 +187,9 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
 # depend on them (the modelled clock's runs must count identical bytes).
 MEASURED = ("compute_s", "step_s", "peak_train_mem_mb", "peak_rss_mb", "peak_cuda_mb",
             "val_accuracy_before", "val_accuracy", "val_loss_before", "val_loss")
-# Figures only some hosts measure (power sensors): each a float64 tensor of its own, `report.NAME`,
-# sent only where measured, so that the messages of hosts without them keep their size.
-OPTIONAL = ("measured_energy_j",)
+# Figures only some hosts measure (power sensors, CUDA): each a float64 tensor of its own,
+# `report.NAME`, sent only where measured, so that the messages of other hosts keep their size.
+OPTIONAL = ("measured_energy_j", "peak_cuda_reserved_mb")
 
 
 def update_message(update: Update, seq: int) -> Message:

@@ -63,7 +63,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 # What the process measured, not what the run computed.
-MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb", "measured_energy_j")
+MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb", "peak_cuda_reserved_mb", "measured_energy_j")
 
 
 def strip_wall(obj):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from testbed.core.errors import OutOfMemory
 from testbed.measure.cgroups import cgroup_dirs
 
 MIB = 1 << 20  # every memory (and traffic) figure is in MiB; keys ending in _mb hold MiB
@@ -60,9 +61,34 @@ def training_footprint(model: nn.Module, saved_bytes: int, optimizer_states_per_
     return resident + trainable * (1 + optimizer_states_per_param) + saved_bytes
 
 
-def peak_cuda_mb() -> float:
-    """Peak CUDA memory allocated by torch in this process (0 without CUDA)."""
-    return torch.cuda.max_memory_allocated() / MIB if torch.cuda.is_available() else 0.0
+def reset_peak_cuda(device: torch.device) -> None:
+    """Start a new peak window of torch's CUDA allocator on `device` (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_cuda_mb(device: torch.device) -> float:
+    """Peak CUDA memory torch allocated on `device` since `reset_peak_cuda` (0 off CUDA).  On a
+    Jetson (unified memory, where nvidia-smi shows none) it is the same allocator's figure, and
+    the process's RSS holds these allocations too."""
+    return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else 0.0
+
+
+def peak_cuda_reserved_mb(device: torch.device) -> float | None:
+    """Peak CUDA memory torch's caching allocator held (allocated and cached) on `device` since
+    `reset_peak_cuda`: what other processes could not have (None off CUDA)."""
+    return torch.cuda.max_memory_reserved(device) / MIB if device.type == "cuda" else None
+
+
+def device_out_of_memory(device: torch.device, error: str) -> OutOfMemory:
+    """A real out-of-memory of `device` as a round's OutOfMemory, with the peak it reached; the
+    allocator's cache is released (call it once the failed round's tensors are gone), so that the
+    agent goes on serving."""
+    peak = peak_cuda_mb(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    at = f" at a peak of {peak:.0f} MiB allocated" if peak else ""
+    return OutOfMemory(f"{device} ran out of memory{at}: {error}")
 
 
 STATUS = Path("/proc/self/status")

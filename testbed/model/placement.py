@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,20 +23,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "model.device") -> torch.device:
     """`model.device` as a torch device: auto is CUDA where this process sees a CUDA device, else the CPU."""
     if not DEVICE.fullmatch(name):
-        raise TestbedError(f"model.device: {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        raise TestbedError(f"{key}: {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TestbedError(f"model.device: {name}, but this process sees no CUDA device "
+        raise TestbedError(f"{key}: {name}, but this process sees no CUDA device "
                            f"(torch {torch.__version__}; a CPU build, or no driver)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise TestbedError(f"model.device: {name}, but this process sees {torch.cuda.device_count()} CUDA device(s)")
+        raise TestbedError(f"{key}: {name}, but this process sees {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TestbedError(f"model.device: {name}, but this machine has no MPS device")
+        raise TestbedError(f"{key}: {name}, but this machine has no MPS device")
     return device
 
 
@@ -47,23 +48,23 @@ def describe(device: torch.device) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
 
 
-def check_precision(device: torch.device, precision: str) -> None:
+def check_precision(device: torch.device, precision: str, key: str = "train.precision") -> None:
     """A TestbedError naming the device where torch cannot autocast to `precision` on it."""
     if precision == "fp32":
         return
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise TestbedError(f"train.precision: bf16 is not supported on {describe(device)}; use fp16 or fp32")
+        raise TestbedError(f"{key}: bf16 is not supported on {describe(device)}; use fp16 or fp32")
     with warnings.catch_warnings(record=True) as caught:  # torch warns, and disables autocast, where it cannot
         warnings.simplefilter("always")
         try:
             with torch.autocast(device.type, dtype=PRECISIONS[precision]):
                 out = torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
         except RuntimeError as exc:
-            raise TestbedError(f"train.precision: {precision} autocast fails on {describe(device)}: "
+            raise TestbedError(f"{key}: {precision} autocast fails on {describe(device)}: "
                                f"{str(exc).splitlines()[0]}") from None
     if out.dtype != PRECISIONS[precision]:
         why = f": {caught[0].message}" if caught else ""
-        raise TestbedError(f"train.precision: torch does not autocast to {precision} on {describe(device)}{why}")
+        raise TestbedError(f"{key}: torch does not autocast to {precision} on {describe(device)}{why}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class Placement:
     def scaler(self) -> torch.amp.GradScaler:
         """Loss scaling, which fp16's narrow range needs (disabled, a pass-through, otherwise)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def clock(self) -> float:
+        """Seconds (perf_counter) once the work queued on the device is done: a GPU runs its
+        kernels after the call that queued them returns."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+        return time.perf_counter()
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A batch on this device."""
@@ -102,8 +112,9 @@ def place(model: torch.nn.Module, head: dict[str, torch.nn.Parameter], device: t
         p.data = p.data.float()
 
 
-def model_placement(device: str, precision: str) -> Placement:
-    """`model.device` and `train.precision` checked on this machine."""
-    resolved = resolve_device(device)
-    check_precision(resolved, precision)
+def model_placement(device: str, precision: str, keys: tuple[str, str] = ("model.device", "train.precision")
+                    ) -> Placement:
+    """A device and a precision checked on this machine; `keys` name them in errors."""
+    resolved = resolve_device(device, keys[0])
+    check_precision(resolved, precision, keys[1])
     return Placement(resolved, precision)

@@ -122,6 +122,8 @@ class RunRecorder:
                "bytes_up": u.report.bytes_up, "bytes_down": u.report.bytes_down,
                "energy_j": self.energy_j(plan, u.device, times.round_s),
                "measured_energy_j": u.report.measured_energy_j}
+        if u.report.peak_cuda_reserved_mb is not None:
+            rec["peak_cuda_reserved_mb"] = round(u.report.peak_cuda_reserved_mb, 1)
         if plan.validate:
             rec["personal_accuracy"] = u.report.val_accuracy
         total = self.record.totals.setdefault(u.device, DeviceTotals(device_class))
