@@ -10,6 +10,7 @@ from testbed.core.plan import Job, Plan
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.runs import read_rows
 from testbed.experiments.setup import setup
+from testbed.measure.memory import discrete_gpu, join_memory, peak_mb, reset_peak
 from testbed.measure.profiler import profile_device
 from testbed.model.lora import get_head, init_lora
 from testbed.model.tiny import tiny_config
@@ -57,6 +58,18 @@ def test_a_real_cuda_out_of_memory_fails_the_round_and_the_agent_goes_on(tiny_be
     torch.cuda.empty_cache()
     update = agent.run(1, Job(Plan(ranks={0: 4, 1: 4}, local_steps=2, batch_size=8, lr=1e-3), lora, get_head(exp.bb)))
     assert update.report.peak_cuda_mb > 0 and all(t.device.type == "cpu" for t in update.lora[0].values())
+
+
+def test_an_agent_on_a_discrete_gpu_measures_the_gpus_memory():
+    device = torch.device("cuda")
+    if not discrete_gpu(device):
+        pytest.skip("an integrated GPU (Jetson): the host's RAM is the measure")
+    memory = join_memory(device)
+    assert memory.limit_mb > memory.base_mb >= 0
+    reset_peak(device)
+    block = torch.empty(64 * MIB, dtype=torch.uint8, device=device)
+    assert peak_mb(device) >= memory.base_mb + 64
+    del block
 
 
 def test_the_profiler_times_the_gpu(tiny_bert):

@@ -173,8 +173,8 @@ def oom_kills() -> int:
 
 @dataclass
 class MemoryMeasure:
-    """What an agent measured of its memory when it joined (MiB), and the training budget that
-    follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
+    """What an agent measured of its memory when it joined (MiB; host RAM, or a discrete GPU's
+    memory where its model is on one), and the training budget that follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
     inside its limit.  Real RSS exceeds the count by the interpreter and libraries (in `base`)
     and by allocator slack and backward's temporaries, which grow with the count; `peak` and
     `counted` of one profiled step give that growth (one point, so it is overstated for small
@@ -193,3 +193,31 @@ class MemoryMeasure:
             return None
         growth = max((self.peak_mb - self.base_mb) / (self.counted_mb - self.other_mb), 1.0)
         return max(self.other_mb + (self.limit_mb * (1 - margin) - self.base_mb) / growth, 0.0)
+
+
+def discrete_gpu(device: torch.device) -> bool:
+    """A CUDA device with memory of its own (not a Jetson's, which shares the host's RAM)."""
+    return device.type == "cuda" and not torch.cuda.get_device_properties(device).is_integrated
+
+
+def join_memory(device: torch.device) -> MemoryMeasure:
+    """What training on `device` may use and uses now: a discrete GPU's memory (what other
+    processes leave free, and what torch already holds), else the process's (host RAM, which a
+    Jetson's GPU shares)."""
+    if discrete_gpu(device):
+        free, _ = torch.cuda.mem_get_info(device)
+        return MemoryMeasure((free + torch.cuda.memory_reserved(device)) / MIB, torch.cuda.memory_allocated(device) / MIB)
+    return MemoryMeasure(memory_limit_mb(), rss_mb())
+
+
+def reset_peak(device: torch.device) -> None:
+    """A new peak window of the memory training on `device` uses (see `join_memory`)."""
+    if discrete_gpu(device):
+        reset_peak_cuda(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_mb(device: torch.device) -> float:
+    """The peak since `reset_peak` of the memory training on `device` uses (see `join_memory`)."""
+    return peak_cuda_mb(device) if discrete_gpu(device) else peak_rss_mb()
