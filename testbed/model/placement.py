@@ -3,8 +3,9 @@
 
 LoRA factors, the head and the optimizer's state stay float32 whatever the precision (peft keeps
 adapters float32 beside a half-precision base), and so does everything that leaves the device:
-the global state, aggregation and the wire live on the CPU, and a device copies its plan's
-tensors in and out once per round (`set_lora`, `get_lora`, `set_head`, `get_head`).
+the global state, aggregation and the wire live on the CPU.  A device copies the LoRA and head
+it runs into the model where it applies them (`set_lora`, `set_head`: for the probe, each
+validation and training) and reads them out once, after training (`get_lora`, `get_head`).
 """
 from __future__ import annotations
 
