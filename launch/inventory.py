@@ -7,7 +7,8 @@ Three forms are read: YAML (`all:` / `children:` / `hosts:` / `vars:`), INI (`[g
 ansible merges them: `all`, then groups from the shallowest to the deepest (siblings by name),
 then the host's own.  A host's connection comes from the `ansible_*` variables; the testbed
 reads `testbed_profile` (a device class), `testbed_memory_mb`, `testbed_role` (`agent` or
-`aggregator`), `testbed_workdir` and `testbed_known_hosts`.  Of ansible's templating, the magic
+`aggregator`), `testbed_workdir`, `testbed_known_hosts` and `testbed_device` (the host's
+`model.device`).  Of ansible's templating, the magic
 variables `{{ inventory_dir }}`, `{{ inventory_file }}` (absolute) and `{{ inventory_hostname }}`
 are replaced in string values, so that an inventory can name files beside itself.
 """
@@ -24,6 +25,7 @@ import yaml
 
 from testbed.core.devices import CLASSES
 from testbed.core.errors import TestbedError
+from testbed.model.placement import DEVICE
 
 ROLES = ("agent", "aggregator")
 
@@ -41,6 +43,7 @@ class Host:
     role: str = "agent"
     workdir: str = "testbed-runs"  # testbed_workdir, relative to the login directory unless absolute
     known_hosts: str = ""  # testbed_known_hosts: verify host keys against this file; empty: ~/.ssh/known_hosts
+    device: str = ""  # testbed_device: model.device on this host (auto, cpu, cuda, cuda:N, mps); empty: the config's
     groups: list[str] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict)
 
@@ -280,11 +283,14 @@ def _host(name: str, v: dict, groups: list[str], where: str) -> Host:
     profile = str(v.get("testbed_profile", ""))
     if profile and profile not in CLASSES:
         raise TestbedError(f"{at}: testbed_profile {profile!r} is not a device class (known: {', '.join(CLASSES)})")
+    device = str(v.get("testbed_device", ""))
+    if device and not DEVICE.fullmatch(device):
+        raise TestbedError(f"{at}: testbed_device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     return Host(name=name, address=str(v.get("ansible_host", name)), port=port, user=str(v.get("ansible_user", "")),
                 key_file=str(v.get("ansible_ssh_private_key_file", "")),
                 python=str(v.get("ansible_python_interpreter", "python3")), profile=profile, memory_mb=memory,
                 role=role, workdir=str(v.get("testbed_workdir", "testbed-runs")),
-                known_hosts=str(v.get("testbed_known_hosts", "")), groups=groups, vars=dict(v))
+                known_hosts=str(v.get("testbed_known_hosts", "")), device=device, groups=groups, vars=dict(v))
 
 
 def _mapping(value: Any, what: str, where: str) -> dict:

@@ -86,6 +86,9 @@ def read_secret(default: bytes | None = None) -> bytes:
     return default
 
 
+DEVICE_VAR = "TESTBED_DEVICE"  # a rank's model.device, in place of the config's
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.mpi", description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         if cfg.dist.threads:
             cfg.model.threads = cfg.dist.threads
+        if device := os.environ.get(DEVICE_VAR):  # this host's own (an inventory's testbed_device)
+            cfg.model.device = device
         key = rendezvous(cfg, rank, size, launcher)
         if rank == 0:
             run_aggregator(cfg, size - 1, key, args)
@@ -144,8 +149,9 @@ def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> No
         if j.profile is not None:
             j.profile.save(folder / f"rank-{rank}.yaml")
         speed = exp.cost.profile.seconds_per_token() / j.profile.seconds_per_token() if j.profile else 0.0
-        log.info("rank %d (%s): %s link %.0f Mbit/s, %.2f ms", rank, ", ".join(j.devices) or "no device",
-                 f"{speed:.2f}x the reference," if speed else "not profiled,", j.bandwidth_mbit, j.latency_ms)
+        log.info("rank %d (%s): on %s, %s link %.0f Mbit/s, %.2f ms", rank, ", ".join(j.devices) or "no device",
+                 j.device or "an unnamed device", f"{speed:.2f}x the reference," if speed else "not profiled,",
+                 j.bandwidth_mbit, j.latency_ms)
         budget = j.memory.budget_mb() if j.memory else None
         if budget is not None:  # real memory binds on either clock: a plan past it is killed
             log.info("rank %d: memory limit %.0f MiB, %.0f MiB in use at join, %.0f MiB at its profiled step "

@@ -17,9 +17,10 @@ from testbed.core.config import ExperimentConfig
 from testbed.core.errors import OutOfMemory, TestbedError
 from testbed.core.plan import Job
 from testbed.experiments.setup import setup
-from testbed.measure.memory import (MIB, MemoryMeasure, memory_limit_mb,
-                                    peak_rss_mb, reset_peak_rss, rss_mb)
+from testbed.measure.memory import (MIB, MemoryMeasure, join_memory, peak_mb,
+                                    reset_peak)
 from testbed.measure.profiler import profile_device
+from testbed.model.placement import describe
 from testbed.model.residency import hold
 from testbed.server.experiment import Experiment
 
@@ -61,33 +62,35 @@ def serve(cfg: ExperimentConfig, rank: int, agents: int, key: bytes) -> None:
 
 def join(cfg: ExperimentConfig, exp: Experiment, key: bytes) -> None:
     """Hello with this device's profile and memory, then echo rank 0's link probes."""
-    memory = MemoryMeasure(memory_limit_mb(), rss_mb())
+    device = exp.bb.placement.device
+    memory = join_memory(device)
     profile = None
     if cfg.dist.profile:
         start = time.perf_counter()
         hold(exp.bb, list(range(exp.info.num_layers)))  # the profile times every layer; released after
         batch = profile_batch(cfg, exp, memory)
-        reset_peak_rss()
+        reset_peak(device)
         profile = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, batch, cfg.model.max_length)
-        memory = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=profile.step_footprint_bytes() / MIB,
+        memory = dataclasses.replace(memory, peak_mb=peak_mb(device), counted_mb=profile.step_footprint_bytes() / MIB,
                                      other_mb=profile.other_bytes / MIB)
         hold(exp.bb, [])
         log.info("profiled this device in %.1f s (batch %d); memory limit %.0f MiB, %.0f MiB in use before",
                  time.perf_counter() - start, batch, memory.limit_mb, memory.base_mb)
-    send_hello(Hello(profile, memory), key)
+    send_hello(Hello(profile, memory, f"{describe(device)}, {exp.bb.placement.precision}"), key)
     echo_probes(patience_s(cfg))
 
 
 def profile_batch(cfg: ExperimentConfig, exp: Experiment, memory: MemoryMeasure) -> int:
     """The training batch, halved while its profiled step would not fit this device's memory (a
     host whose cgroup is tight would be killed profiling the full batch): estimated from one
-    step at batch 2, whose peak RSS and counted footprint give the growth of RSS with the count."""
+    step at batch 2, whose peak memory and counted footprint give the growth of memory with the count."""
     batch = cfg.train.batch_size
     if batch <= 2:
         return batch
-    reset_peak_rss()
+    device = exp.bb.placement.device
+    reset_peak(device)
     probe = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, 2, cfg.model.max_length, repeats=1)
-    small = dataclasses.replace(memory, peak_mb=peak_rss_mb(), counted_mb=probe.step_footprint_bytes() / MIB,
+    small = dataclasses.replace(memory, peak_mb=peak_mb(device), counted_mb=probe.step_footprint_bytes() / MIB,
                                 other_mb=probe.other_bytes / MIB)
     budget = small.budget_mb()
     while budget is not None and batch > 2 and probe.step_footprint_bytes(batch) / MIB > budget:

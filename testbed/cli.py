@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch", type=int, default=16)
     prof.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
     prof.add_argument("--ranks", default="2,8,16", help="LoRA ranks to time, comma-separated")
+    prof.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda, cuda:N or mps")
+    prof.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision")
     prof.add_argument("--out", help="write the profile here (.yaml or .json); default: print it")
     prof.set_defaults(func=cmd_profile)
     comp = sub.add_parser("compare", help="run a study (strategies x seeds x device mixes x splits), then report")
@@ -258,6 +260,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from testbed.measure.profiler import profile_device
     from testbed.model.info import model_info
     from testbed.model.load import load_backbone
+    from testbed.model.placement import model_placement, place
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -266,10 +269,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     except ValueError:
         raise TestbedError(f"--ranks: expected comma-separated integers, got {args.ranks!r}") from None
     lora = LoraConfig(rank=max(ranks), alpha=2.0 * max(ranks))
+    placement = model_placement(args.device, args.precision, ("--device", "--precision"))
     bb = load_backbone(ModelConfig(name=args.model, max_length=args.seq_len, lora=lora), 4, seed=0)
+    bb.placement = placement
+    place(bb.model, bb.head_params(), placement.device, torch.float32)
     start = time.perf_counter()
     profile = profile_device(bb, args.model, model_info(bb), lora, args.batch, args.seq_len, ranks)
-    print(f"testbed: profiled {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"testbed: profiled {args.model} on {profile.device} ({profile.precision}) in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     if args.out:
         profile.save(Path(args.out))
         print(f"testbed: wrote {args.out}", file=sys.stderr)

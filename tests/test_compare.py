@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.core.config import save_config
+from testbed.core.config import ExperimentConfig, save_config
 from testbed.core.errors import TestbedError
-from testbed.experiments.report import write_report
+from testbed.experiments.report import energy_to_target, write_report
 from testbed.experiments.run import run_inprocess
-from testbed.experiments.runs import find_runs, load_run, read_rows, strip_wall
+from testbed.experiments.runs import Run, find_runs, load_run, read_rows, strip_wall
 from testbed.experiments.study import load_study, run_study
 from testbed.model.tiny import tiny_config
 from tests.helpers import ROOT, cli
@@ -81,6 +81,9 @@ def test_each_cell_runs_once_a_killed_cell_resumes_and_the_report_matches_the_ru
         assert g["final_accuracy"] == pytest.approx(statistics.fmean(finals))
         assert g["final_accuracy_std"] == pytest.approx(statistics.stdev(finals))
         assert g["bytes_up_per_round"] == pytest.approx(statistics.fmean(r.summary["bytes_up"] / 2 for r in runs))
+        assert g["energy_j"] == pytest.approx(statistics.fmean(r.summary["energy_j"] for r in runs))
+        assert g["energy_to_target_j"] is None and g["vs_baseline"]["energy_reduction"] is None  # never reached
+        assert f"| {g['energy_j'] / 1e3:.2f} | n/a | n/a |" in report
         for cls in ("laptop", "jetson-tx2"):
             assert g["peak_train_mem_mb_by_class"][cls] == pytest.approx(statistics.fmean(
                 max(d["peak_train_mem_mb"] for d in r.summary["devices"].values() if d["class"] == cls) for r in runs))
@@ -91,6 +94,13 @@ def test_each_cell_runs_once_a_killed_cell_resumes_and_the_report_matches_the_ru
     assert [p.name for p in pngs] == ["1-accuracy.png", "1-memory.png", "1-time-to-target.png", "1-traffic.png"]
     for png in pngs:
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000 and f"]({png.name})" in report
+
+
+def test_energy_to_target_sums_the_rounds_up_to_the_one_that_reached_it(tmp_path):
+    rows = [{"energy_j": 10.0}, {"energy_j": 20.0}, {"energy_j": 40.0}]
+    assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": 2, "energy_j": 70.0})) == 30.0
+    assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": None, "energy_j": 70.0})) is None
+    assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": 2})) is None  # an older run
 
 
 def test_the_shipped_study_is_the_one_the_readme_describes():

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from testbed.core.config import from_dict
+from testbed.core.devices import CLASSES
 from testbed.core.plan import Plan
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
@@ -43,6 +44,33 @@ def test_bytes_and_footprint_match_the_runtime(tiny_bert, tmp_path, exp):
         assert abs(d["bytes_down"] / exp.cost.bytes_down(p) - 1) < 0.02
         predicted = exp.cost.peak_memory_bytes(exp.devices[d["device"]], p) / 2**20
         assert abs(predicted / d["peak_train_mem_mb"] - 1) < 0.10
+
+
+def test_busy_seconds_are_training_probe_and_validation(exp):
+    cost, dev = exp.cost, exp.devices["jetson-tx2-0"]
+    p = plan(local_steps=3)
+    assert cost.validation_seconds(dev, p, 40) == 0.0  # the plan does not ask
+    assert cost.busy_seconds(dev, p, 40) == 3 * cost.step_seconds(dev, p)
+    checked = plan(local_steps=3, validate=True, probe_rows=16)
+    twice = cost.validation_seconds(dev, checked, 40)
+    assert twice == pytest.approx(2 * cost.validation_seconds(dev, checked, 20))  # linear in rows
+    assert 0 < twice < 2 * 40 / 8 * cost.step_seconds(dev, checked)  # forward only: less than training those rows
+    assert cost.busy_seconds(dev, checked, 40) == pytest.approx(
+        3 * cost.step_seconds(dev, checked) + cost.probe_seconds(dev, checked) + twice)
+
+
+def test_energy_is_each_class_power_over_the_modelled_round(tiny_bert, tmp_path, exp):
+    cfg = from_dict(tiny_config(tiny_bert, rounds=1))
+    summary = run_inprocess(cfg, tmp_path, quiet=True)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    p = Plan(ranks={0: 4, 1: 4}, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size)
+    assert row["clock_s"] == max(d["clock_s"] for d in row["devices"])  # the first round's length
+    for d in row["devices"]:
+        busy = exp.cost.busy_seconds(exp.devices[d["device"]], p, 0)
+        assert d["energy_j"] == pytest.approx(CLASSES[d["class"]].energy_j(busy, row["clock_s"]))
+        assert summary["devices"][d["device"]]["energy_j"] == d["energy_j"]
+    assert row["energy_j"] == pytest.approx(sum(d["energy_j"] for d in row["devices"]))
+    assert summary["energy_j"] == pytest.approx(row["energy_j"])
 
 
 def test_a_plan_over_budget_fails_with_a_recorded_oom(tiny_bert, tmp_path):

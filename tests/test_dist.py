@@ -51,7 +51,8 @@ def test_mpirun_three_ranks_two_rounds(tiny_bert, tmp_path):
         p = load_profile(tmp_path / "out" / "profiles" / f"rank-{rank}.yaml", info)
         assert p.source == "measured" and p.bandwidth_mbit > 0 and p.latency_ms > 0
         assert all(t > 0 for t in p.forward_frozen_s)
-    assert "x the reference" in proc.stderr
+        assert (p.device, p.precision) == ("cpu", "fp32")
+    assert "x the reference" in proc.stderr and "on cpu, fp32" in proc.stderr  # what each agent's hello said
 
 
 def test_the_secret_stays_out_of_argv_logs_and_the_run_directory(tiny_bert, tmp_path, monkeypatch):

@@ -70,9 +70,17 @@ all:
     assert hosts["h2"].port == 9 and hosts["h2"].workdir == "top"
 
 
+def test_a_host_may_name_its_own_device(tmp_path):
+    inv = tmp_path / "inv.ini"
+    inv.write_text("[jetsons]\norin1 testbed_device=cuda:0\ntx2 testbed_device=cpu\nother\n")
+    hosts = {h.name: h for h in load_inventory(inv)}
+    assert hosts["orin1"].device == "cuda:0" and hosts["tx2"].device == "cpu" and hosts["other"].device == ""
+
+
 @pytest.mark.parametrize("suffix, text, words", [
     (".yaml", "all:\n  hosts:\n    j1: {testbed_profile: jetson-nano-9000}\n", "host j1: testbed_profile"),
     (".yaml", "all:\n  hosts:\n    j1: {testbed_role: boss}\n", "host j1: testbed_role"),
+    (".yaml", "all:\n  hosts:\n    j1: {testbed_device: gpu0}\n", "host j1: testbed_device 'gpu0' is not one of"),
     (".yaml", "all:\n  hosts:\n    j1: {ansible_port: 70000}\n", "host j1: ansible_port"),
     (".yaml", "all:\n  hosts:\n    a: {testbed_role: aggregator}\n    b: {testbed_role: aggregator}\n", "more than one"),
     (".yaml", "all:\n  hosts: [a, b]\n", "group all: hosts: expected a mapping"),

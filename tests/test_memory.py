@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from launch import lab
 from testbed.comm.join import memory_from_dict
 from testbed.comm.wire import WireError
-from testbed.measure.memory import MemoryMeasure
+from testbed.measure.memory import (MemoryMeasure, join_memory, memory_limit_mb,
+                                    peak_mb, peak_rss_mb)
 from tests.helpers import ROOT, lab_test
 
 
@@ -24,6 +26,12 @@ def test_the_budget_keeps_the_estimated_peak_inside_the_limit_with_a_margin():
     # RSS that grew less than the count (memory already in use) never inflates the budget
     assert MemoryMeasure(1000, 400, 10, 450, 160).budget_mb() == pytest.approx(10 + 500)
     assert MemoryMeasure(300, 400, 10, 700, 160).budget_mb() == 0.0  # nothing left
+
+
+def test_on_the_cpu_an_agent_measures_the_hosts_memory():
+    cpu = torch.device("cpu")
+    assert join_memory(cpu).limit_mb == memory_limit_mb() and join_memory(cpu).base_mb > 0
+    assert peak_mb(cpu) == pytest.approx(peak_rss_mb(), abs=1.0)
 
 
 @pytest.mark.parametrize("raw", [{"limit_mb": -1, "base_mb": 0}, {"limit_mb": "big", "base_mb": 0},

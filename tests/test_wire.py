@@ -37,6 +37,15 @@ def test_update_round_trips_exactly():
     assert all(torch.equal(back.head[n], t) for n, t in u.head.items())
 
 
+def test_measured_energy_travels_only_where_measured():
+    u = minilm_update()
+    plain = len(pack(update_message(u, 7), KEY))
+    u.report.measured_energy_j = 123.456789
+    buf = pack(update_message(u, 7), KEY)
+    assert read_update(unpack(buf, KEY)).report == u.report
+    assert len(buf) > plain  # hosts without power sensors keep the size the cost model counts
+
+
 def test_plan_round_trips_exactly():
     plan = Plan(ranks={0: 0, 3: 4, 5: 8}, layers=[3, 5], drop={3: 0.25}, personal=[5], local_steps=7, batch_size=8,
                 lr=1e-3, validate=True)

@@ -25,6 +25,7 @@ from launch.deploy.payload import (named_files, push, run_config, run_state,
 from launch.deploy.preflight import agent_modules, known_hosts, open_sessions
 from launch.deploy.ranks import LocalRank, Rank, RemoteRank, wait
 from launch.inventory import load_inventory
+from launch.mpi import DEVICE_VAR
 from launch.net import free_port, route_address
 from launch.ssh import HostProblem, where
 from testbed.core.config import ExperimentConfig, load_config
@@ -95,12 +96,13 @@ def run_deployed(opts: DeployOptions, cfg: ExperimentConfig, sessions: dict[str,
         env = rendezvous_env(cfg, aggregator, agents)
         log = opts.out / "aggregator.log"
         if aggregator:
-            ranks.append(RemoteRank.start(aggregator, 0, env, log, echo=True, resume=opts.resume))
+            ranks.append(RemoteRank.start(aggregator, 0, env | host_env(aggregator), log, echo=True,
+                                          resume=opts.resume))
         else:
             config, secret_file = write_here(raw, files, secret, local_dir)
             ranks.append(LocalRank.start(config, secret_file, opts.out, opts.resume, env, log))
         for i, s in enumerate(agents, 1):  # each appended as it starts, so that a failure stops those up
-            ranks.append(RemoteRank.start(s, i, env, opts.out / "agents" / f"{s.host.name}.log"))
+            ranks.append(RemoteRank.start(s, i, env | host_env(s), opts.out / "agents" / f"{s.host.name}.log"))
         print(f"testbed: started rank 0 {'on ' + aggregator.host.name if aggregator else 'here'} and "
               f"{len(agents)} agents in {time.monotonic() - start:.1f} s", file=sys.stderr)
         code = wait(ranks, causes)
@@ -129,6 +131,11 @@ def rendezvous_env(cfg: ExperimentConfig, aggregator: Session | None, agents: li
     print(f"testbed: rendezvous at {addr}:{port}", file=sys.stderr)
     return {"WORLD_SIZE": str(len(agents) + 1), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
             "PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
+
+
+def host_env(s: Session) -> dict[str, str]:
+    """What one host's rank adds: its own model.device (testbed_device), where the inventory names one."""
+    return {DEVICE_VAR: s.host.device} if s.host.device else {}
 
 
 def rendezvous_point(cfg: ExperimentConfig, aggregator: Session | None, agents: list[Session]) -> tuple[str, int]:

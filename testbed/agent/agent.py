@@ -3,7 +3,8 @@
 The agent is the same object under every transport; only how its inputs arrive
 and its Update leaves differs.  Before it trains, it makes resident exactly the layers (and
 blocks) its plan runs: on a backbone with a layer store (a dist agent) pruned layers are then
-not in memory at all.  Peak RSS is measured per round.
+not in memory at all.  Peak RSS is measured per round, and the energy the host's power sensors
+count where it has them (testbed.measure.power).
 """
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import random
 import time
 import zlib
 
+import torch
+
 from testbed.agent.trainer import train_plan
 from testbed.core.config import ExperimentConfig
 from testbed.core.plan import (HeadState, Job, LayerProbe, LoraState, Plan,
                                Report, Update)
 from testbed.data import Shard, Tokens
 from testbed.measure.evaluate import evaluate
-from testbed.measure.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
+from testbed.measure.memory import (device_out_of_memory, peak_cuda_mb,
+                                    peak_cuda_reserved_mb, peak_rss_mb,
+                                    reset_peak_cuda, reset_peak_rss)
+from testbed.measure.power import find_meter
 from testbed.measure.probe import probe_layers
 from testbed.model.backbone import Backbone
 from testbed.model.info import model_info
@@ -35,8 +41,28 @@ class Agent:
         self.tokens = tokens
         self.shard = shard
         self.personal: LoraState = {}  # layers whose LoRA stays here (PTLS)
+        self.meter = find_meter()  # None where the host has no power sensors we can read
 
     def run(self, round: int, job: Job) -> Update:
+        """The round's work, metered where the host has power sensors.  The device running out of
+        memory for real (CUDA) fails the round as OutOfMemory, as the counted budget does."""
+        device = self.bb.placement.device
+        reset_peak_cuda(device)
+        if self.meter:
+            self.meter.start()
+        failed = ""
+        try:
+            update = self._run(round, job)
+        except torch.OutOfMemoryError as exc:
+            failed = str(exc).splitlines()[0]
+        finally:
+            joules = self.meter.stop() if self.meter else None
+        if failed:  # out of the except block, the failed round's tensors are freed
+            raise device_out_of_memory(device, failed)
+        update.report.measured_energy_j = joules
+        return update
+
+    def _run(self, round: int, job: Job) -> Update:
         reset_peak_rss()
         plan, head = job.plan, job.head
         lora = {**job.lora, **self._personal_layers(plan)}
@@ -50,7 +76,9 @@ class Agent:
         shared = set(plan.shared(self.bb.num_layers))
         self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
         report = Report(compute_s=probe_s + res.compute_s, step_s=res.step_s,
-                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda_mb(),
+                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(),
+                        peak_cuda_mb=peak_cuda_mb(self.bb.placement.device),
+                        peak_cuda_reserved_mb=peak_cuda_reserved_mb(self.bb.placement.device),
                         val_accuracy_before=before["accuracy"], val_accuracy=after["accuracy"],
                         val_loss_before=before["loss"], val_loss=after["loss"])
         return Update(device=self.device, round=round,

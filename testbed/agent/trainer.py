@@ -55,6 +55,7 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
             raise TestbedError(f"plan: layer {l} carries LoRA outside its {plan.block(l)} block, which alone runs")
     active_steps = {l: 0 for l in resident}
     losses, times, saved = [], [], []
+    place, scaler = bb.placement, bb.placement.scaler()
     with lora_applied(bb, ranks, lora_cfg) as model:
         if any(ranks.values()):
             set_lora(bb, model, lora)
@@ -74,10 +75,11 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
             keep = [l for l in resident if torch.rand((), generator=gen).item() >= plan.drop.get(l, 0.0)]
             if plan.max_active and len(keep) > plan.max_active:  # a random subset of the drawn layers runs
                 keep = sorted(keep[i] for i in torch.randperm(len(keep), generator=gen)[: plan.max_active].tolist())
-            with running_layers(bb, keep, plan.blocks), counter:
-                loss = model(**tokens.take(batch)).loss
-            loss.backward()
-            opt.step()
+            with running_layers(bb, keep, plan.blocks), counter, place.autocast():
+                loss = model(**place.inputs(tokens.take(batch))).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             for l in keep:
                 active_steps[l] += 1

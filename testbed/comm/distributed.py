@@ -93,7 +93,7 @@ class AgentRank:
         profile = hello.profile
         if profile is not None:  # the saved profile carries the link too
             profile = dataclasses.replace(profile, bandwidth_mbit=mbit, latency_ms=ms)
-        return Joined(self.rank, list(self.devices), profile, mbit, ms, hello.memory)
+        return Joined(self.rank, list(self.devices), profile, mbit, ms, hello.memory, hello.device)
 
     def start(self, round: int, jobs: dict[str, Job], end: float) -> None:
         """Serve `jobs` (devices of this rank) in a thread of its own, until `end` (monotonic)."""

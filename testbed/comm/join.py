@@ -1,6 +1,7 @@
 """Joining a distributed run, both sides of it.
 
-An agent rank sends a hello (the profile it measured of its device, and its memory), then
+An agent rank sends a hello (the profile it measured of its device, its memory, and where its
+model runs), then
 echoes the probe buffers rank 0 sends it; rank 0 reads the hello and times the echoes, whose
 round trips give the link's latency (the small probes) and bandwidth (the large ones).
 """
@@ -27,6 +28,7 @@ class Hello:
 
     profile: DeviceProfile | None  # None when the agent was told not to profile
     memory: MemoryMeasure | None  # None from an agent that did not say
+    device: str = ""  # where its model runs, e.g. "cuda:0 (Orin, compute capability 8.7)", and in what precision
 
 
 @dataclass
@@ -39,13 +41,14 @@ class Joined:
     bandwidth_mbit: float
     latency_ms: float
     memory: MemoryMeasure | None = None  # None from an agent that did not say
+    device: str = ""  # its Hello's
 
 
 # The agent's side.
 
 def send_hello(hello: Hello, key: bytes) -> None:
     meta = {"profile": None if hello.profile is None else dataclasses.asdict(hello.profile),
-            "memory": None if hello.memory is None else dataclasses.asdict(hello.memory)}
+            "memory": None if hello.memory is None else dataclasses.asdict(hello.memory), "device": hello.device}
     send_bytes(pack(Message("hello", -1, "", 0, meta), key), 0)
 
 
@@ -65,7 +68,8 @@ def receive_hello(rank: int, key: bytes, info: ModelInfo, wait_s: float = 0.0) -
         raise WireError(f"expected a hello, got a {msg.kind} message")
     raw = msg.meta.get("profile")
     profile = None if raw is None else profile_from_dict(raw, f"rank {rank}'s profile", info)
-    return Hello(profile, memory_from_dict(msg.meta.get("memory"), f"rank {rank}'s memory"))
+    return Hello(profile, memory_from_dict(msg.meta.get("memory"), f"rank {rank}'s memory"),
+                 str(msg.meta.get("device", "")))
 
 
 def time_link(rank: int) -> tuple[float, float]:

@@ -187,6 +187,9 @@ def read_plan(msg: Message) -> tuple[Plan, LoraState, HeadState]:
 # depend on them (the modelled clock's runs must count identical bytes).
 MEASURED = ("compute_s", "step_s", "peak_train_mem_mb", "peak_rss_mb", "peak_cuda_mb",
             "val_accuracy_before", "val_accuracy", "val_loss_before", "val_loss")
+# Figures only some hosts measure (power sensors, CUDA): each a float64 tensor of its own,
+# `report.NAME`, sent only where measured, so that the messages of other hosts keep their size.
+OPTIONAL = ("measured_energy_j", "peak_cuda_reserved_mb")
 
 
 def update_message(update: Update, seq: int) -> Message:
@@ -194,6 +197,9 @@ def update_message(update: Update, seq: int) -> Message:
             "loss": update.loss}
     tensors = _flatten(update.lora, update.head)
     tensors["report"] = torch.tensor([getattr(update.report, k) for k in MEASURED], dtype=torch.float64)
+    for name in OPTIONAL:
+        if (value := getattr(update.report, name)) is not None:
+            tensors[f"report.{name}"] = torch.tensor([value], dtype=torch.float64)
     if update.probe is not None:  # float64 like every measurement; its size depends on the plan alone
         meta["probe_blocks"] = update.probe.blocks
         tensors["probe.cka"] = torch.tensor(update.probe.cka, dtype=torch.float64)
@@ -220,12 +226,17 @@ def read_update(msg: Message, dtype: torch.dtype | None = None) -> Update:
     measured = tensors.pop("report", None)
     if measured is None or measured.shape != (len(MEASURED),):
         raise WireError(f"update from {msg.device!r} lacks its report")
+    optional = {name: tensors.pop(f"report.{name}", None) for name in OPTIONAL}
+    if any(t is not None and t.shape != (1,) for t in optional.values()):
+        raise WireError(f"update from {msg.device!r}: a measured figure that is not one number")
     probe = _read_probe(tensors, m.get("probe_blocks"), msg.device)
     lora, head = _unflatten(tensors, dtype)
+    report = Report(**dict(zip(MEASURED, measured.tolist())),
+                    **{k: t.item() for k, t in optional.items() if t is not None})
     try:
         return Update(device=msg.device, round=msg.round, lora=lora, head=head, samples=int(m["samples"]),
                       active_steps={int(l): int(n) for l, n in m["active_steps"]}, steps=int(m["steps"]),
-                      loss=float(m["loss"]), report=Report(**dict(zip(MEASURED, measured.tolist()))), probe=probe)
+                      loss=float(m["loss"]), report=report, probe=probe)
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"malformed update from {msg.device!r}: {exc}") from None
 

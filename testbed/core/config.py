@@ -45,6 +45,11 @@ class ModelConfig:
                                         "metrics do not depend on it")
     profile: str = option("", doc="DeviceProfile the device classes' speeds are relative to; "
                                   "default: the one shipped for the model, else FLOP counts")
+    device: str = option("auto", doc="where the model trains and evaluates: auto (CUDA where the process sees "
+                                     "a CUDA device, else the CPU), cpu, cuda, cuda:N or mps; an inventory's "
+                                     "testbed_device overrides it per host")
+    dtype: str = option("float32", choices=("float32", "bfloat16", "float16"),
+                        doc="the dtype the frozen base model is held in; LoRA factors and the head stay float32")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -118,6 +123,10 @@ class TrainConfig:
                           + f"; docs/benchmarks.md), {FALLBACK_LR:g} for any other; the run's config.yaml "
                             "records the number")
     weight_decay: float = option(0.0, lo=0, doc="AdamW weight decay")
+    precision: str = option("fp32", choices=("fp32", "bf16", "fp16"),
+                            doc="forward passes under autocast to bfloat16 or float16 (fp16 with a gradient "
+                                "scaler), in training and evaluation; an error names the device where torch "
+                                "cannot")
     eval_batch_size: int = option(64, lo=1, doc="examples per batch when the global model is evaluated")
 
 

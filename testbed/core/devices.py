@@ -8,6 +8,8 @@ The edge classes are *derived*, not measured: speed = published FP32 peak of the
 x an assumed 30 % utilisation for small-batch LoRA training / 106 GFLOP/s.  Memory is the
 budget left to the training process after the OS, the CUDA context and other tenants on the
 board's shared DRAM (an assumption), and links are typical edge Wi-Fi figures (assumptions).
+Power is the whole board's (module's) draw, idle and under a training load, from the boards' power
+modes and data sheets (assumptions, stated per class); it gives the modelled `energy_j` of a run.
 A lab replaces all of these with `testbed profile` measurements of its own boards; agents
 measure their link when they join.
 """
@@ -26,26 +28,40 @@ class DeviceClass:
     memory_mb: float  # training memory budget
     bandwidth_mbit: float  # link to the aggregator
     latency_ms: float
+    idle_w: float  # the device's draw while it waits or transfers (its radio's draw is counted in idle)
+    busy_w: float  # its draw while it trains, validates or probes
+
+    def energy_j(self, busy_s: float, span_s: float) -> float:
+        """Joules over `span_s` seconds of which `busy_s` compute, idle for the rest.  A device
+        busy longer than the span (the clock does not count validation) is charged its busy
+        seconds in full, and no idle."""
+        return self.busy_w * busy_s + self.idle_w * max(span_s - busy_s, 0.0)
 
 
 CLASSES = {c.name: c for c in [
-    # The reference itself (measured): 2 vCPUs, AVX-512, 2 torch threads.
-    DeviceClass("reference", 1.0, 4096, 1000, 0.2),
+    # The reference itself (measured): 2 vCPUs, AVX-512, 2 torch threads.  Power: its share of a
+    # two-socket server that draws about 200 W idle and 500 W busy over 128 vCPUs: 3 / 8 W.
+    DeviceClass("reference", 1.0, 4096, 1000, 0.2, idle_w=3.0, busy_w=8.0),
     # A laptop: 4 cores of a mobile x86 CPU with AVX2, about twice the reference's cores at a
-    # similar per-core vector width (assumed 2x).
-    DeviceClass("laptop", 2.0, 4096, 200, 5.0),
+    # similar per-core vector width (assumed 2x).  Power: about 5 W idle with the screen off, and a
+    # 28 W mobile CPU's sustained package power plus the rest of the machine busy: 5 / 30 W.
+    DeviceClass("laptop", 2.0, 4096, 200, 5.0, idle_w=5.0, busy_w=30.0),
     # Jetson TX2: 256 Pascal CUDA cores x 2 FLOP x 1.30 GHz = 0.67 TFLOPS FP32; 8 GB LPDDR4
     # shared with the CPU (NVIDIA Jetson TX2 module data sheet).  0.67e3 x 0.3 / 106 = 1.9.
-    DeviceClass("jetson-tx2", 1.9, 1536, 20, 20.0),
+    # Power: its 7.5 W (Max-Q) and 15 W (Max-P) modes taken as idle and busy.
+    DeviceClass("jetson-tx2", 1.9, 1536, 20, 20.0, idle_w=7.5, busy_w=15.0),
     # Jetson Orin Nano 8GB: 1024 Ampere CUDA cores x 2 x 0.625 GHz = 1.28 TFLOPS FP32; 8 GB
     # LPDDR5 shared (Jetson Orin Nano series data sheet).  1.28e3 x 0.3 / 106 = 3.6.
-    DeviceClass("orin-nano", 3.6, 3072, 50, 10.0),
+    # Power: its 7 W and 15 W modes taken as idle and busy.
+    DeviceClass("orin-nano", 3.6, 3072, 50, 10.0, idle_w=7.0, busy_w=15.0),
     # Jetson Xavier NX: 384 Volta CUDA cores x 2 x 1.1 GHz = 0.85 TFLOPS FP32; 8 GB LPDDR4x
     # shared (Jetson Xavier NX data sheet).  0.85e3 x 0.3 / 106 = 2.4.
-    DeviceClass("xavier-nx", 2.4, 3072, 50, 10.0),
+    # Power: its 10 W and 20 W modes taken as idle and busy.
+    DeviceClass("xavier-nx", 2.4, 3072, 50, 10.0, idle_w=10.0, busy_w=20.0),
     # Jetson AGX Orin 32GB: 1792 Ampere CUDA cores x 2 x 0.93 GHz = 3.33 TFLOPS FP32; 32 GB
     # LPDDR5 shared (Jetson AGX Orin series data sheet).  3.33e3 x 0.3 / 106 = 9.4.
-    DeviceClass("agx-orin", 9.4, 12288, 200, 5.0),
+    # Power: 15 W (its lowest mode) idle, 60 W (MAXN) busy.
+    DeviceClass("agx-orin", 9.4, 12288, 200, 5.0, idle_w=15.0, busy_w=60.0),
 ]}
 
 

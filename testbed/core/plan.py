@@ -101,7 +101,7 @@ class Report:
     step_s: float = 0.0  # median seconds per training step (wall)
     peak_train_mem_mb: float = 0.0  # counted training footprint (see testbed.measure.memory)
     peak_rss_mb: float = 0.0  # process peak resident set size
-    peak_cuda_mb: float = 0.0  # torch.cuda.max_memory_allocated, where CUDA is
+    peak_cuda_mb: float = 0.0  # torch.cuda.max_memory_allocated in the round, where the model is on CUDA
     bytes_up: int = 0
     bytes_down: int = 0
     # On the device's own validation split (when the plan asks), before and after local training:
@@ -109,6 +109,9 @@ class Report:
     val_accuracy: float = 0.0
     val_loss_before: float = 0.0
     val_loss: float = 0.0
+    # Only where the host has them (None elsewhere):
+    measured_energy_j: float | None = None  # joules the host's power sensors counted over the round
+    peak_cuda_reserved_mb: float | None = None  # torch.cuda.max_memory_reserved in the round (on CUDA)
 
 
 @dataclass

@@ -41,6 +41,13 @@ def bytes_to_target(run: Run) -> int | None:
     return sum(r["bytes_up"] + r["bytes_down"] for r in run.rows[:hit]) if hit else None
 
 
+def energy_to_target(run: Run) -> float | None:
+    """Modelled joules of every device up to the round that reached the target (None: not reached, or
+    a run recorded before energy was)."""
+    hit = run.summary["rounds_to_target"]
+    return sum(r["energy_j"] for r in run.rows[:hit]) if hit and "energy_j" in run.summary else None
+
+
 def class_peaks(run: Run) -> dict[str, float]:
     """Per device class, the largest counted training footprint of its devices (MiB)."""
     peaks: dict[str, float] = {}
@@ -54,6 +61,9 @@ def group_stats(g: Group, out: Path) -> dict:
     runs = g.runs
     times = [r.summary["time_to_target_s"] for r in runs if r.summary["time_to_target_s"] is not None]
     to_target = [b for r in runs if (b := bytes_to_target(r)) is not None]
+    energy_to = [e for r in runs if (e := energy_to_target(r)) is not None]
+    energy = [r.summary["energy_j"] for r in runs if "energy_j" in r.summary]
+    measured = [m for r in runs if (m := r.summary.get("measured_energy_j")) is not None]
     classes = sorted({c for r in runs for c in class_peaks(r)}, key=list(CLASSES).index)
     ttt_mean, ttt_std = _mean_std(times)
     final_mean, final_std = _mean_std([r.summary["final_accuracy"] for r in runs])
@@ -71,6 +81,9 @@ def group_stats(g: Group, out: Path) -> dict:
         "bytes_up_per_round": statistics.fmean(r.summary["bytes_up"] / r.summary["rounds"] for r in runs),
         "bytes_down_per_round": statistics.fmean(r.summary["bytes_down"] / r.summary["rounds"] for r in runs),
         "bytes_to_target": statistics.fmean(to_target) if to_target else None,
+        "energy_j": _mean_std(energy)[0],
+        "energy_to_target_j": _mean_std(energy_to)[0],
+        "measured_energy_j": _mean_std(measured)[0],
         "failures": sum(len(r.summary["failures"]) for r in runs),
     }
 
@@ -78,7 +91,8 @@ def group_stats(g: Group, out: Path) -> dict:
 def versus(s: dict, base: dict | None) -> dict:
     """Ratios against the baseline of the same setting (None where either side has no figure)."""
     if base is None:
-        return {"speedup": None, "memory_reduction": None, "traffic_reduction": None, "per_round_traffic_reduction": None}
+        return {"speedup": None, "memory_reduction": None, "traffic_reduction": None, "per_round_traffic_reduction": None,
+                "energy_reduction": None}
     both = s["time_to_target_s"] and base["time_to_target_s"]
     per_round = s["bytes_up_per_round"] + s["bytes_down_per_round"]
     base_round = base["bytes_up_per_round"] + base["bytes_down_per_round"]
@@ -88,6 +102,8 @@ def versus(s: dict, base: dict | None) -> dict:
         "traffic_reduction": 1 - s["bytes_to_target"] / base["bytes_to_target"]
         if s["bytes_to_target"] and base["bytes_to_target"] else None,
         "per_round_traffic_reduction": 1 - per_round / base_round,
+        "energy_reduction": 1 - s["energy_to_target_j"] / base["energy_to_target_j"]
+        if s["energy_to_target_j"] and base["energy_to_target_j"] else None,
     }
 
 
@@ -155,11 +171,14 @@ def _tables(groups: list[Group], baseline: str, has_base: bool) -> list[str]:
                      else f"{s['bytes_to_target'] / MIB:.1f}", _reduction(v["traffic_reduction"])])
     classes = sorted({c for g in groups for c in g.stats["peak_train_mem_mb_by_class"]}, key=list(CLASSES).index)
     head2 = ["method", *(f"{c} footprint (MiB)" for c in classes), "process peak RSS (MiB)",
-             "MiB up / round", "MiB down / round", "per-round traffic reduction", "failures"]
+             "MiB up / round", "MiB down / round", "per-round traffic reduction", "energy (kJ)",
+             "energy to target (kJ)", "energy reduction", "measured energy (kJ)", "failures"]
     rows2 = [[f"`{g.method}`", *(f"{g.stats['peak_train_mem_mb_by_class'].get(c, 0.0):.1f}" for c in classes),
               f"{g.stats['peak_rss_mb']:.0f}", f"{g.stats['bytes_up_per_round'] / MIB:.2f}",
               f"{g.stats['bytes_down_per_round'] / MIB:.2f}",
-              _reduction(g.stats["vs_baseline"]["per_round_traffic_reduction"]), str(g.stats["failures"])]
+              _reduction(g.stats["vs_baseline"]["per_round_traffic_reduction"]), _kilo(g.stats["energy_j"]),
+              _kilo(g.stats["energy_to_target_j"]), _reduction(g.stats["vs_baseline"]["energy_reduction"]),
+              _kilo(g.stats["measured_energy_j"]), str(g.stats["failures"])]
              for g in groups]
     missing = [] if has_base else ["", f"No `{baseline}` runs in this setting: no ratios."]
     return [*_md_table(head, rows), "", *_md_table(head2, rows2), *missing]
@@ -167,6 +186,10 @@ def _tables(groups: list[Group], baseline: str, has_base: bool) -> list[str]:
 
 def _reduction(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _kilo(joules: float | None) -> str:
+    return "n/a" if joules is None else f"{joules / 1e3:.2f}"
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -190,5 +213,11 @@ def _notes(baseline: str) -> list[str]:
             "- *Traffic*: LoRA and head bytes on the wire, all devices, up and down. *MiB to target* sums the "
             "rounds up to the one that reached the target; *traffic reduction* compares it with the "
             "baseline's; the per-round figure compares mean bytes per round.",
+            "- *Energy*: modelled, every device over the whole run: its class's busy power while it trains, "
+            "probes or validates (the cost model's seconds) and its idle power for the rest of each round it "
+            "takes part in (transfers and waiting for the slowest device); *energy to target* sums the rounds up "
+            "to the one that reached the target, and *energy reduction* compares it with the baseline's. "
+            "*Measured energy* is what the hosts' power sensors (RAPL, INA3221) counted, where they have them: "
+            "in-process runs count the one host's package or board.",
             "- Accuracy plot: mean over seeds (line) and ± one std (band), on the common clock range of the "
             "seeds.", ""]

@@ -62,7 +62,8 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
-MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb")  # what the process measured, not what the run computed
+# What the process measured, not what the run computed.
+MEASURED = ("wall_s", "peak_rss_mb", "peak_cuda_mb", "peak_cuda_reserved_mb", "measured_energy_j")
 
 
 def strip_wall(obj):

@@ -17,6 +17,7 @@ from testbed.measure.profiler import (DeviceProfile, analytic_profile,
                                       fingerprint, load_profile)
 from testbed.model.info import ModelInfo, model_info
 from testbed.model.load import load_backbone
+from testbed.model.placement import DTYPES, model_placement, place
 from testbed.server.costmodel import REFERENCE_GFLOPS, CostModel
 from testbed.server.experiment import Experiment
 from testbed.server.strategies import STRATEGIES
@@ -74,6 +75,7 @@ def check_inputs(cfg: ExperimentConfig) -> Inputs:
     splits = load_splits(cfg.data, cfg.seed)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)
     check_model_name(cfg.model.name)
+    model_placement(cfg.model.device, cfg.train.precision)  # a device or precision this machine lacks
     return Inputs(devices, splits, shards)
 
 
@@ -86,6 +88,8 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     if splits.label_names and not agent:
         print("testbed: labels " + ", ".join(f"{n}={i}" for i, n in enumerate(splits.label_names)), file=sys.stderr)
     bb = load_backbone(cfg.model, splits.num_labels, cfg.seed, resident=not agent)
+    bb.placement = model_placement(cfg.model.device, cfg.train.precision)
+    place(bb.model, bb.head_params(), bb.placement.device, DTYPES[cfg.model.dtype])
     data = Dataset(tokenize(bb.tokenizer, splits.train, cfg.model.max_length),
                    tokenize(bb.tokenizer, splits.test, cfg.model.max_length),
                    splits.num_labels, inputs.shards, cfg.data.source == "synthetic", splits.label_names)
@@ -95,5 +99,6 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     activations = measure_activations(bb, cfg.model.lora, cfg.model.max_length)
     head_shapes = {n: tuple(p.shape) for n, p in bb.head_params().items()}
     profile = reference_profile(cfg.model, info)
-    cost = CostModel(info, cfg.model.max_length, activations, head_shapes, profile, getattr(torch, cfg.wire.dtype))
+    cost = CostModel(info, cfg.model.max_length, activations, head_shapes, profile, getattr(torch, cfg.wire.dtype),
+                     DTYPES[cfg.model.dtype])
     return Experiment(cfg, bb, info, data, devices, cost)

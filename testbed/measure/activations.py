@@ -32,8 +32,8 @@ def measure_activations(bb, lora_cfg, seq_len: int, batch: int = 2) -> Activatio
     for layers, blocks in runs:
         with lora_applied(bb, {l: lora_cfg.rank for l in layers}, lora_cfg) as model:
             model.train()  # as in training: dropout masks are saved too (their sizes do not depend on the RNG)
-            with SavedTensorCounter(model) as counter, running_layers(bb, every, blocks):
-                model(**inputs).loss
+            with SavedTensorCounter(model) as counter, running_layers(bb, every, blocks), bb.placement.autocast():
+                model(**bb.placement.inputs(inputs)).loss
             saved.append(counter.bytes / (batch * seq_len))
     per_layer = (saved[0] - saved[1]) / max(n - 1, 1)
     fixed = max(saved[1] - per_layer, 0.0)

@@ -24,9 +24,9 @@ def evaluate(bb: Backbone, lora: LoraState, head: HeadState, tokens: Tokens, lor
             set_lora(bb, model, lora)
         set_head(bb, head)
         model.eval()
-        with running_layers(bb, keep, blocks):
+        with running_layers(bb, keep, blocks), bb.placement.autocast():
             for start in range(0, len(idx), batch_size):
-                batch = tokens.take(idx[start:start + batch_size])
+                batch = bb.placement.inputs(tokens.take(idx[start:start + batch_size]))
                 out = model(**batch)
                 loss_sum += out.loss.item() * len(batch["labels"])
                 correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()

@@ -3,7 +3,9 @@
 The footprint is what training must hold at its peak: resident parameters, LoRA
 gradients, optimizer state, and the tensors autograd saves for backward (counted
 with saved_tensors_hooks, each storage once, parameters excluded since they are
-already resident).
+already resident).  Every tensor counts at its own dtype: a half-precision base
+(`model.dtype`), float32 LoRA, and under autocast (`train.precision`) half-precision
+activations and the casts of float32 weights that backward keeps.
 
 Peak RSS is per round where Linux lets a process reset its high-water mark
 (`/proc/self/clear_refs`, since 4.0): an agent's figure then says what *this* round held,
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from testbed.core.errors import OutOfMemory
 from testbed.measure.cgroups import cgroup_dirs
 
 MIB = 1 << 20  # every memory (and traffic) figure is in MiB; keys ending in _mb hold MiB
@@ -58,9 +61,34 @@ def training_footprint(model: nn.Module, saved_bytes: int, optimizer_states_per_
     return resident + trainable * (1 + optimizer_states_per_param) + saved_bytes
 
 
-def peak_cuda_mb() -> float:
-    """Peak CUDA memory allocated by torch in this process (0 without CUDA)."""
-    return torch.cuda.max_memory_allocated() / MIB if torch.cuda.is_available() else 0.0
+def reset_peak_cuda(device: torch.device) -> None:
+    """Start a new peak window of torch's CUDA allocator on `device` (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_cuda_mb(device: torch.device) -> float:
+    """Peak CUDA memory torch allocated on `device` since `reset_peak_cuda` (0 off CUDA).  On a
+    Jetson (unified memory, where nvidia-smi shows none) it is the same allocator's figure, and
+    the process's RSS holds these allocations too."""
+    return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else 0.0
+
+
+def peak_cuda_reserved_mb(device: torch.device) -> float | None:
+    """Peak CUDA memory torch's caching allocator held (allocated and cached) on `device` since
+    `reset_peak_cuda`: what other processes could not have (None off CUDA)."""
+    return torch.cuda.max_memory_reserved(device) / MIB if device.type == "cuda" else None
+
+
+def device_out_of_memory(device: torch.device, error: str) -> OutOfMemory:
+    """A real out-of-memory of `device` as a round's OutOfMemory, with the peak it reached; the
+    allocator's cache is released (call it once the failed round's tensors are gone), so that the
+    agent goes on serving."""
+    peak = peak_cuda_mb(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    at = f" at a peak of {peak:.0f} MiB allocated" if peak else ""
+    return OutOfMemory(f"{device} ran out of memory{at}: {error}")
 
 
 STATUS = Path("/proc/self/status")
@@ -145,8 +173,8 @@ def oom_kills() -> int:
 
 @dataclass
 class MemoryMeasure:
-    """What an agent measured of its memory when it joined (MiB), and the training budget that
-    follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
+    """What an agent measured of its memory when it joined (MiB; host RAM, or a discrete GPU's
+    memory where its model is on one), and the training budget that follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
     inside its limit.  Real RSS exceeds the count by the interpreter and libraries (in `base`)
     and by allocator slack and backward's temporaries, which grow with the count; `peak` and
     `counted` of one profiled step give that growth (one point, so it is overstated for small
@@ -165,3 +193,31 @@ class MemoryMeasure:
             return None
         growth = max((self.peak_mb - self.base_mb) / (self.counted_mb - self.other_mb), 1.0)
         return max(self.other_mb + (self.limit_mb * (1 - margin) - self.base_mb) / growth, 0.0)
+
+
+def discrete_gpu(device: torch.device) -> bool:
+    """A CUDA device with memory of its own (not a Jetson's, which shares the host's RAM)."""
+    return device.type == "cuda" and not torch.cuda.get_device_properties(device).is_integrated
+
+
+def join_memory(device: torch.device) -> MemoryMeasure:
+    """What training on `device` may use and uses now: a discrete GPU's memory (what other
+    processes leave free, and what torch already holds), else the process's (host RAM, which a
+    Jetson's GPU shares)."""
+    if discrete_gpu(device):
+        free, _ = torch.cuda.mem_get_info(device)
+        return MemoryMeasure((free + torch.cuda.memory_reserved(device)) / MIB, torch.cuda.memory_allocated(device) / MIB)
+    return MemoryMeasure(memory_limit_mb(), rss_mb())
+
+
+def reset_peak(device: torch.device) -> None:
+    """A new peak window of the memory training on `device` uses (see `join_memory`)."""
+    if discrete_gpu(device):
+        reset_peak_cuda(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_mb(device: torch.device) -> float:
+    """The peak since `reset_peak` of the memory training on `device` uses (see `join_memory`)."""
+    return peak_cuda_mb(device) if discrete_gpu(device) else peak_rss_mb()

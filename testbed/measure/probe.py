@@ -56,9 +56,10 @@ def after_attention(bb: Backbone, enabled: bool) -> Iterator[dict[int, torch.Ten
 def probe_layers(bb: Backbone, lora: LoraState, head: HeadState, batch: dict[str, torch.Tensor],
                  lora_cfg: LoraConfig, blocks: bool = False) -> LayerProbe:
     ranks = {l: next(t.shape[0] for n, t in ts.items() if n.endswith(".A")) for l, ts in lora.items()}
+    batch = bb.placement.inputs(batch)
     mask = batch["attention_mask"].bool()
     n = bb.num_layers
-    with lora_applied(bb, ranks, lora_cfg) as model:
+    with lora_applied(bb, ranks, lora_cfg) as model, bb.placement.autocast():
         if lora:
             set_lora(bb, model, lora)
         set_head(bb, head)

@@ -3,7 +3,9 @@
 `profile_device` times a real training step with hooks on every transformer layer: forward
 with LoRA at a few ranks and without (frozen), backward per layer (the span between
 consecutive backward hooks), embeddings and head; it counts the bytes each layer saves for
-backward, resident bytes per layer, LoRA and optimizer bytes per rank.  A DeviceProfile is
+backward, resident bytes per layer, LoRA and optimizer bytes per rank.  It runs where the
+backbone is placed, in its precision: on a GPU every timestamp waits for the queued work
+(a synchronisation), so a layer's time is its kernels', not their launch.  A DeviceProfile is
 what the CostModel predicts from.  Link bandwidth and latency are recorded where a transport
 measured them (0 = not measured; the device class's figures are used then).
 """
@@ -13,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from testbed.measure.memory import SavedTensorCounter
 from testbed.model.backbone import Backbone
 from testbed.model.info import ModelInfo
 from testbed.model.lora import lora_applied
+from testbed.model.placement import describe
 
 
 @dataclass
@@ -50,6 +52,8 @@ class DeviceProfile:
     bandwidth_mbit: float = 0.0
     latency_ms: float = 0.0
     source: str = field(default="measured")  # "measured" or "analytic"
+    device: str = "cpu"  # where it was measured: "cpu", or the GPU and its compute capability
+    precision: str = "fp32"  # the autocast precision it was measured in (train.precision)
 
     def seconds_per_token(self) -> float:
         """A training step with LoRA on every layer (the lowest profiled rank), per token."""
@@ -117,9 +121,9 @@ def profile_device(bb: Backbone, name: str, info: ModelInfo, lora_cfg: LoraConfi
     n = bb.num_layers
     g = torch.Generator().manual_seed(0)
     vocab = bb.model.config.vocab_size
-    batch = {"input_ids": torch.randint(1000 % vocab, vocab, (batch_size, seq_len), generator=g),
-             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-             "labels": torch.zeros(batch_size, dtype=torch.long)}
+    batch = bb.placement.inputs({"input_ids": torch.randint(1000 % vocab, vocab, (batch_size, seq_len), generator=g),
+                                 "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+                                 "labels": torch.zeros(batch_size, dtype=torch.long)})
     frozen = _median(_timed_steps(bb, {}, lora_cfg, batch, repeats, backward=False))
     fwd, bwd, saved = {}, {}, []
     for r in ranks:
@@ -135,20 +139,22 @@ def profile_device(bb: Backbone, name: str, info: ModelInfo, lora_cfg: LoraConfi
                          seq_len=seq_len, threads=torch.get_num_threads(), forward_frozen_s=frozen["forward"],
                          forward_lora_s=fwd, backward_s=bwd, embed_s=embed, head_s=head,
                          saved_bytes_per_token=saved, resident_bytes=layer_bytes, other_bytes=total - sum(layer_bytes),
-                         lora_bytes_per_rank=per_rank, optimizer_bytes_per_rank=2 * per_rank)
+                         lora_bytes_per_rank=per_rank, optimizer_bytes_per_rank=2 * per_rank,
+                         device=describe(bb.placement.device), precision=bb.placement.precision)
 
 
 def _timed_steps(bb: Backbone, ranks: dict[int, int], lora_cfg: LoraConfig, batch: dict, repeats: int,
                  backward: bool) -> list[dict]:
     """One warm-up and `repeats` timed steps, with a timestamp at every layer boundary."""
     n, stamps = bb.num_layers, {}
+    now = bb.placement.clock  # waits for the GPU, where there is one
     hooks = []
     for i, layer in enumerate(bb.layers):
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: stamps.__setitem__(("f0", i), _now())))
-        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: stamps.__setitem__(("f1", i), _now())))
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: stamps.__setitem__(("f0", i), now())))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: stamps.__setitem__(("f1", i), now())))
         if backward:
             hooks.append(layer.register_full_backward_pre_hook(
-                lambda m, g, i=i: stamps.__setitem__(("b0", i), _now())))
+                lambda m, g, i=i: stamps.__setitem__(("b0", i), now())))
     runs = []
     try:
         with lora_applied(bb, ranks, lora_cfg) as model:
@@ -160,16 +166,16 @@ def _timed_steps(bb: Backbone, ranks: dict[int, int], lora_cfg: LoraConfig, batc
                     hooks.append(layer.register_forward_pre_hook(lambda m, a: saved.append(counter.bytes)))
                     hooks.append(layer.register_forward_hook(lambda m, a, o: saved.append(counter.bytes)))
                 stamps.clear()
-                start = _now()
-                with counter, torch.set_grad_enabled(backward):
+                start = now()
+                with counter, torch.set_grad_enabled(backward), bb.placement.autocast():
                     loss = model(**batch).loss
-                done = _now()
+                done = now()
                 if backward:
                     with warnings.catch_warnings():  # layer 0's input needs no gradient: expected
                         warnings.filterwarnings("ignore", message="Full backward hook is firing")
                         loss.backward()
                     model.zero_grad(set_to_none=True)
-                end = _now()
+                end = now()
                 for h in hooks[-2 * n:]:
                     h.remove()
                 del hooks[-2 * n:]
@@ -197,10 +203,6 @@ def _median(runs: list[dict]) -> dict:
         else:
             out[key] = statistics.median(r[key] for r in runs)
     return out
-
-
-def _now() -> float:
-    return time.perf_counter()
 
 
 def analytic_profile(info: ModelInfo, name: str, seq_len: int, gflops: float) -> DeviceProfile:

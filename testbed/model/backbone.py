@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 
 from testbed.core.errors import TestbedError
 from testbed.model.families import BLOCKS
+from testbed.model.placement import Placement
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Backbone:
     modules: dict[int, list[str]]  # per layer: LoRA target module paths inside the layer
     scaling: float  # alpha / rank, common to every device
     store: "LayerStore | None" = None  # where non-resident layers are read from (None: all resident)
+    placement: Placement = field(default_factory=Placement)  # its device and precision
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -36,7 +36,8 @@ def hold(bb: Backbone, layers: list[int], blocks: dict[int, str] | None = None) 
         dtype = next(module.parameters()).dtype
         try:
             # A copy: safetensors' tensors alias a mapping of the whole file, which must not outlive the read.
-            module.load_state_dict({k[len(prefix):]: t.to(dtype, copy=True) for k, t in tensors.items()},
+            module.load_state_dict({k[len(prefix):]: t.to(bb.placement.device, dtype, copy=True)
+                                    for k, t in tensors.items()},
                                    strict=True, assign=True)
         except RuntimeError as exc:
             raise TestbedError(f"model: the checkpoint does not fit layer {l}'s {child}: "

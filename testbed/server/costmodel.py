@@ -3,10 +3,11 @@
 Strategies reason about devices only through this.
 - Bytes: what the wire sends for the plan's messages, computed from their layout (the LoRA
   slices the plan shares, the head, the header), exact up to a few header bytes.
-- Memory: resident parameters (the plan's layers plus embeddings and head), LoRA weights with
-  their gradients and AdamW state, and the activations saved for backward by the layers at
-  or above the lowest LoRA layer (below it nothing is saved).  Saved bytes per token are
-  counted once per run on the real model (`measure_activations`), so the figure is exact for
+- Memory: resident parameters (the plan's layers plus embeddings and head, at `model.dtype`),
+  float32 LoRA weights with their gradients and AdamW state, and the activations saved for
+  backward by the layers at or above the lowest LoRA layer (below it nothing is saved).  Saved
+  bytes per token are counted once per run on the real model (`measure_activations`, in the
+  run's precision: autocast's copies of weights included), so the figure is exact for
   the run's sequence length; memory is the worst case over dropout (every layer runs, or
   under `max_active` the layers that save the most).
 - Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
@@ -20,6 +21,9 @@ Strategies reason about devices only through this.
   attention scores' 4 x length x hidden for the attention block).
 - A device-side probe (plan.probe_rows) runs the whole model forward once, then once per unit
   with that unit skipped, on the probe rows: charged at the profile's frozen forward times.
+- Validation (plan.validate) runs the device's model forward over its validation rows before and
+  after training: its resident layers' forward times (with LoRA at the plan's rank), embeddings and
+  the head.  The round's clock does not count it; the device's busy seconds, and so its energy, do.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ class CostModel:
     head_shapes: dict[str, tuple[int, ...]]
     profile: DeviceProfile
     wire_dtype: torch.dtype = torch.float32
+    base_dtype: torch.dtype = torch.float32  # model.dtype: the frozen base's; LoRA and the head are float32
 
     def step_seconds(self, device: Device, plan: Plan) -> float:
         p, n = self.profile, self.info.num_layers
@@ -93,6 +98,25 @@ class CostModel:
         passes = 1 + n * (2 if plan.probe_blocks else 1)
         tokens = plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len)
         return passes * (p.embed_s + sum(p.forward_frozen_s)) * tokens / device.speed
+
+    def validation_seconds(self, device: Device, plan: Plan, rows: int) -> float:
+        """Validating the device's model on `rows` rows, before and after training (0 if the plan
+        does not ask)."""
+        if not plan.validate or not rows:
+            return 0.0
+        p, n = self.profile, self.info.num_layers
+        forward = p.embed_s + p.head_s
+        for layer in plan.resident(n):
+            rank = plan.ranks.get(layer, 0)
+            layer_s = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
+            forward += layer_s * self.block_share(plan.block(layer))
+        tokens = rows * self.seq_len / (p.batch_size * p.seq_len)
+        return 2 * forward * tokens / device.speed
+
+    def busy_seconds(self, device: Device, plan: Plan, val_rows: int) -> float:
+        """The seconds the device computes in a round: training, the probe and validation."""
+        return (plan.local_steps * self.step_seconds(device, plan) + self.probe_seconds(device, plan)
+                + self.validation_seconds(device, plan, val_rows))
 
     def lora_params(self, plan: Plan, layers: list[int]) -> int:
         per_rank = sum(o + i for o, i in self.info.shapes.values())
@@ -136,7 +160,7 @@ class CostModel:
         saving = sorted((per_layer[plan.block(l)] for l in plan.resident(n) if l >= lowest), reverse=True)
         saved = tokens * (act.fixed + sum(saving[: plan.max_active or None]))  # the worst step under the cap
         head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
-        return int((resident + 4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
+        return int(resident * self.base_dtype.itemsize + (4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
 
     def fits(self, device: Device, plan: Plan) -> bool:
         return self.peak_memory_bytes(device, plan) <= device.memory_mb * MIB

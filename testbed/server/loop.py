@@ -125,9 +125,10 @@ class RoundLoop:
         device_s = {u.device: self.exp.cost.round_seconds(self.exp.devices[u.device], plans[u.device])
                     for u in updates}
         # A synchronous round lasts as long as its slowest device.
-        self.clock_s += time.perf_counter() - start if self.cfg.clock == "wall" else max(device_s.values(), default=0.0)
+        round_s = time.perf_counter() - start if self.cfg.clock == "wall" else max(device_s.values(), default=0.0)
+        self.clock_s += round_s
         self.wall_s += time.perf_counter() - start
-        times = RoundTimes(self.clock_s, self.wall_s, train_wall, eval_wall, device_s)
+        times = RoundTimes(self.clock_s, self.wall_s, train_wall, eval_wall, device_s, round_s)
         row = self.recorder.round(r, plans, updates, result.failures, metrics, times)
         self.checkpoint(r)
         return row

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from testbed.comm.transport import Failure
 from testbed.core.config import ExperimentConfig, save_config
+from testbed.core.devices import CLASSES
 from testbed.core.files import atomic_write
 from testbed.core.plan import Plan, Update
 from testbed.server.experiment import Experiment
@@ -26,6 +27,8 @@ class DeviceTotals:
     peak_cuda_mb: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    energy_j: float = 0.0  # modelled: its class's power over the rounds it took part in
+    measured_energy_j: float | None = None  # what its host's power sensors counted (None: none)
 
     def as_dict(self) -> dict:
         """As summary.json and the checkpoint hold it (`class` for the device class)."""
@@ -56,6 +59,7 @@ class RoundTimes:
     train_wall_s: float  # this round's: the transport's round trip
     eval_wall_s: float  # this round's: evaluating the global model
     device_s: dict[str, float]  # this round's, per device, on the modelled clock
+    round_s: float  # this round's length on the run's clock
 
 
 class RunRecorder:
@@ -91,7 +95,7 @@ class RunRecorder:
     def round(self, r: int, plans: dict[str, Plan], updates: list[Update], failures: list[Failure],
               metrics: dict, times: RoundTimes) -> dict:
         """Record a round: its row (appended to metrics.jsonl), the devices' totals, its failures."""
-        per_device = [self.device_row(plans[u.device], u, times.device_s[u.device]) for u in updates]
+        per_device = [self.device_row(plans[u.device], u, times) for u in updates]
         self.record.failures += [dataclasses.asdict(f) for f in failures]
         row = {"round": r, "clock": self.exp.cfg.clock, "clock_s": times.clock_s, "wall_s": times.wall_s,
                "train_wall_s": times.train_wall_s, "eval_wall_s": times.eval_wall_s,
@@ -99,6 +103,7 @@ class RunRecorder:
                "loss": sum(u.loss * u.samples for u in updates) / max(sum(u.samples for u in updates), 1),
                "bytes_up": sum(u.report.bytes_up for u in updates),
                "bytes_down": sum(u.report.bytes_down for u in updates),
+               "energy_j": sum(d["energy_j"] for d in per_device),
                "personal_accuracy": personal_accuracy(per_device, updates),
                "devices": per_device, "failures": [f.device for f in failures]}
         self.record.rows.append(row)
@@ -106,14 +111,19 @@ class RunRecorder:
             f.write(json.dumps(row) + "\n")
         return row
 
-    def device_row(self, plan: Plan, u: Update, clock_s: float) -> dict:
+    def device_row(self, plan: Plan, u: Update, times: RoundTimes) -> dict:
         """A device's entry in the round's row; its totals count it."""
         device_class = self.exp.devices[u.device].device_class
-        rec = {"device": u.device, "class": device_class, "clock_s": clock_s, "wall_s": u.report.compute_s,
+        rec = {"device": u.device, "class": device_class, "clock_s": times.device_s[u.device],
+               "wall_s": u.report.compute_s,
                "loss": u.loss, **plan_summary(plan, self.exp.info.num_layers),
                "peak_train_mem_mb": round(u.report.peak_train_mem_mb, 3),
                "peak_rss_mb": round(u.report.peak_rss_mb, 1), "peak_cuda_mb": round(u.report.peak_cuda_mb, 1),
-               "bytes_up": u.report.bytes_up, "bytes_down": u.report.bytes_down}
+               "bytes_up": u.report.bytes_up, "bytes_down": u.report.bytes_down,
+               "energy_j": self.energy_j(plan, u.device, times.round_s),
+               "measured_energy_j": u.report.measured_energy_j}
+        if u.report.peak_cuda_reserved_mb is not None:
+            rec["peak_cuda_reserved_mb"] = round(u.report.peak_cuda_reserved_mb, 1)
         if plan.validate:
             rec["personal_accuracy"] = u.report.val_accuracy
         total = self.record.totals.setdefault(u.device, DeviceTotals(device_class))
@@ -123,7 +133,18 @@ class RunRecorder:
         total.peak_cuda_mb = max(total.peak_cuda_mb, u.report.peak_cuda_mb)
         total.bytes_up += u.report.bytes_up
         total.bytes_down += u.report.bytes_down
+        total.energy_j += rec["energy_j"]
+        if u.report.measured_energy_j is not None:
+            total.measured_energy_j = (total.measured_energy_j or 0.0) + u.report.measured_energy_j
         return rec
+
+    def energy_j(self, plan: Plan, device: str, round_s: float) -> float:
+        """A device's modelled energy in a round: its class's busy power for the seconds the cost
+        model gives its work (training, probe, validation), idle power for the rest of the round
+        (its transfers and its wait for the slowest device)."""
+        d = self.exp.devices[device]
+        busy_s = self.exp.cost.busy_seconds(d, plan, len(self.exp.data.shards[device].val))
+        return CLASSES[d.device_class].energy_j(busy_s, round_s)
 
     def summary(self) -> dict:
         """The run's summary, written to summary.json."""
@@ -152,6 +173,7 @@ def summarise(record: Record, cfg: ExperimentConfig) -> dict:
     rows, devices = record.rows, [t.as_dict() for t in record.totals.values()]
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     hit = next((r for r in evaluated if r["accuracy"] >= cfg.target_accuracy), None)
+    measured = [d["measured_energy_j"] for d in devices if d["measured_energy_j"] is not None]
     return {
         "method": cfg.strategy.name,
         "data": data_label(cfg),
@@ -170,6 +192,8 @@ def summarise(record: Record, cfg: ExperimentConfig) -> dict:
         "bytes_down": sum(r["bytes_down"] for r in rows),
         "peak_train_mem_mb": max((d["peak_train_mem_mb"] for d in devices), default=0.0),
         "peak_rss_mb": max((d["peak_rss_mb"] for d in devices), default=0.0),
+        "energy_j": sum(d["energy_j"] for d in devices),
+        "measured_energy_j": sum(measured) if measured else None,
         "devices": {name: t.as_dict() for name, t in record.totals.items()},
         "failures": record.failures,
     }
@@ -193,7 +217,7 @@ def table(summary: dict) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     keys = ["method", "data", "rounds", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
-            "clock", "clock_s", "wall_s", "bytes_up", "bytes_down", "peak_train_mem_mb", "peak_rss_mb"]
+            "clock", "clock_s", "wall_s", "bytes_up", "bytes_down", "peak_train_mem_mb", "peak_rss_mb", "energy_j"]
     width = max(map(len, keys))
     lines = [f"{k:<{width}}  {fmt(k, summary[k])}" for k in keys]
     kinds = collections.Counter(f["kind"] for f in summary["failures"])
