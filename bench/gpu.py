@@ -69,9 +69,6 @@ def figures(device: str, precision: str, steps: int, threads: int) -> dict:
                      "peak_cuda_mb": round(peak_cuda_mb(exp.bb.placement.device), 1),
                      "peak_cuda_reserved_mb": peak_cuda_reserved_mb(exp.bb.placement.device)}
         print(f"  {precision} {name}: {out[name]}", file=sys.stderr)
-    del exp
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return out
 
 
@@ -101,7 +98,11 @@ def main() -> None:
         return
     start = time.perf_counter()
     result.update(device=describe(device), measured=True)
-    results = {p: figures(args.device, p, 3 if args.quick else 10, args.threads) for p in PRECISIONS}
+    results = {}
+    for p in PRECISIONS:
+        results[p] = figures(args.device, p, 3 if args.quick else 10, args.threads)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # else the last precision's cached blocks count as the next one's reserved
     result.update(results=results, vs_fp32=against_fp32(results), wall_s=round(time.perf_counter() - start, 1))
     print(json.dumps(result))
 
