@@ -60,6 +60,8 @@ def load_backbone(cfg: ModelConfig, num_labels: int, seed: int, resident: bool =
 
 def wrap_model(model: nn.Module, tokenizer: object, lora: LoraConfig) -> Backbone:
     if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+        if tokenizer.eos_token is None:
+            raise TestbedError("model.name: the tokenizer has neither a pad token nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only families ship without one
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
