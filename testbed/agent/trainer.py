@@ -76,9 +76,10 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
                 keep = sorted(keep[i] for i in torch.randperm(len(keep), generator=gen)[: plan.max_active].tolist())
             with running_layers(bb, keep, plan.blocks), counter:
                 loss = model(**tokens.take(batch)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if loss.requires_grad:  # else nothing trainable ran: a causal LM (no head) with its LoRA layers skipped
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             for l in keep:
                 active_steps[l] += 1
             losses.append(loss.item())

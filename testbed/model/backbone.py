@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from testbed.core.config import CAUSAL_LM
 from testbed.core.errors import TestbedError
 from testbed.model.families import BLOCKS
 
 
 @dataclass
 class Backbone:
-    """A loaded sequence-classification model and what we know about its layout."""
+    """A loaded model (with a classification head, or a causal LM's own head) and what we know
+    about its layout."""
 
     model: nn.Module
     tokenizer: object
@@ -23,6 +25,7 @@ class Backbone:
     modules: dict[int, list[str]]  # per layer: LoRA target module paths inside the layer
     scaling: float  # alpha / rank, common to every device
     store: "LayerStore | None" = None  # where non-resident layers are read from (None: all resident)
+    task: str = "classification"  # or "causal_lm" (see testbed.core.config.TASKS)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -39,7 +42,10 @@ class Backbone:
         return next((b for b, children in self.blocks.items() if child in children), None)
 
     def head_params(self) -> dict[str, nn.Parameter]:
-        """The classifier head: every parameter outside the backbone."""
+        """The classifier head: every parameter outside the backbone.  A causal LM has none: its
+        language-model head is pretrained (and often the embeddings, tied) and stays frozen."""
+        if self.task == CAUSAL_LM:
+            return {}
         prefix = self.model.base_model_prefix + "."
         return {n: p for n, p in self.model.named_parameters()
                 if not n.startswith(prefix) and "lora_" not in n}
