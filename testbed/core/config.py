@@ -43,7 +43,12 @@ class LoraConfig:
 class ModelConfig:
     """The pretrained model LoRA is added to, and how its inputs are cut."""
 
-    name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
+    name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled SmolLM2-135M-Instruct, "
+                                     "a 30-layer LLaMA; converted once into cache_dir), a Hugging Face id or a "
+                                     "local path")
+    cache_dir: str = option("", doc="where a bundled GGUF model (smollm2) is converted to, once; default: "
+                                    "$TESTBED_MODEL_CACHE, else testbed/models in the user's cache directory "
+                                    "($XDG_CACHE_HOME or ~/.cache)")
     max_length: int = option(64, lo=4, hi=8192, doc="tokens per example: longer texts are truncated, shorter padded")
     threads: int = option(2, lo=0, doc="torch threads per process; 0 = auto: the cores this process may use "
                                         "(affinity, cgroup CPU quota) that other processes leave free, at least 1")

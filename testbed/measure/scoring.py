@@ -14,30 +14,34 @@ def option_logliks(model: nn.Module, prompts: list[list[int]], options: list[lis
                    batch_size: int) -> torch.Tensor:
     """(prompts, options): log p(option | prompt), summed over the option's tokens.
 
-    Every (prompt, option) pair is one sequence; a batch is left-padded so that all options end
-    at the last position and the model computes logits only for the last positions, not for
-    every position of its (large) vocabulary.  Position ids skip the padding, so a padded
-    sequence scores as it would alone."""
+    The pair (prompt, option) is scored on the sequence prompt + option[:-1], whose last len(option)
+    positions predict the option's tokens.  Pairs sharing that sequence run it once (one-token
+    options: one sequence per prompt).  A batch is left-padded, so that every sequence ends at
+    the last position and the model computes logits (over its whole vocabulary) only for the
+    last few positions; position ids skip the padding, so a sequence scores as it would alone."""
     pairs = [(p, o) for p in prompts for o in options]
-    scores = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        width = max(len(p) + len(o) for p, o in chunk)
-        tail = max(len(o) for _, o in chunk)
+    scoring: dict[tuple[int, ...], list[int]] = {}  # input sequence -> the pairs it scores
+    for k, (p, o) in enumerate(pairs):
+        scoring.setdefault(tuple(p + o[:-1]), []).append(k)
+    sequences = list(scoring)
+    keep = max(len(o) for o in options)
+    scores = torch.zeros(len(pairs))
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        targets = torch.full((len(chunk), tail), -1, dtype=torch.long)  # the option's tokens, right-aligned
-        for i, (p, o) in enumerate(chunk):
-            ids[i, width - len(p) - len(o):] = torch.tensor(p + o)
-            mask[i, width - len(p) - len(o):] = 1
-            targets[i, tail - len(o):] = torch.tensor(o)
+        for i, s in enumerate(chunk):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        # The logits at positions width-tail-1 .. width-2 predict the last `tail` tokens.
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=tail + 1).logits
-        logp = logits[:, :-1].float().log_softmax(-1)
-        picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        scores.append((picked * (targets >= 0)).sum(-1))
-    return torch.cat(scores).view(len(prompts), len(options))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logp = logits.float().log_softmax(-1)
+        for i, s in enumerate(chunk):
+            for k in scoring[s]:
+                option = torch.tensor(pairs[k][1])
+                scores[k] = logp[i, -len(option):].gather(-1, option.unsqueeze(-1)).sum()
+    return scores.view(len(prompts), len(options))
 
 
 def choose(model: nn.Module, tokens: Tokens, idx: list[int], pad_id: int, batch_size: int) -> torch.Tensor:

