@@ -10,16 +10,11 @@ from testbed.core.errors import TestbedError
 from testbed.data import Split, fit, load_splits, prompt_ids, tokenize_instructions
 from testbed.experiments.run import run_inprocess
 from testbed.measure.scoring import option_logliks
-from testbed.model.tiny import DECODERS, decoder_tokenizer, save_tiny_decoder, tiny_config
+from testbed.model.tiny import DECODERS, decoder_tokenizer, tiny_config
 from testbed.server.strategies import STRATEGIES
 
 WORDS = ["politics", "sports", "business", "science"]
 LM = {"task": "causal_lm", "data.prompt": "{text} topic :", "data.label_words": WORDS, "model.max_length": 24}
-
-
-@pytest.fixture(scope="module")
-def decoders(tmp_path_factory) -> dict[str, str]:
-    return {f: save_tiny_decoder(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in DECODERS}
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +54,10 @@ def test_a_long_prompt_loses_its_middle_and_the_response_keeps_its_start():
 
 @pytest.mark.parametrize("family", DECODERS)
 @torch.no_grad()
-def test_option_scores_are_the_summed_log_likelihoods_computed_by_hand(decoders, family):
+def test_option_scores_are_the_summed_log_likelihoods_computed_by_hand(tiny_decoders, family):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(decoders[family]).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoders[family]).eval()
     prompts = [[101, 2023, 2003], [101, 1037, 2200, 2146, 6251, 2005], [101, 7592]]
     for options in ([[3835], [2204, 2767], [2009, 2003, 1037]], [[3835], [2204], [2009]]):
         got = option_logliks(model, prompts, options, pad_id=102, batch_size=4)  # batches mix lengths
@@ -104,8 +99,8 @@ def test_bad_causal_lm_settings_name_the_key(raw, culprit):
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_runs_a_round_on_causal_lm(decoders, tmp_path, name):
-    cfg = from_dict(tiny_config(decoders["llama"], rounds=1, **{"strategy.name": name}, **LM))
+def test_every_strategy_runs_a_round_on_causal_lm(tiny_decoders, tmp_path, name):
+    cfg = from_dict(tiny_config(tiny_decoders["llama"], rounds=1, **{"strategy.name": name}, **LM))
     summary = run_inprocess(cfg, tmp_path, quiet=True)
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert summary["rounds"] == 1 and not summary["failures"]
@@ -113,11 +108,11 @@ def test_every_strategy_runs_a_round_on_causal_lm(decoders, tmp_path, name):
     assert 0 <= row["zero_shot_accuracy"] <= 1 and summary["zero_shot_accuracy"] == row["zero_shot_accuracy"]
 
 
-def test_free_text_responses_report_loss_and_perplexity_but_no_accuracy(decoders, tmp_path):
+def test_free_text_responses_report_loss_and_perplexity_but_no_accuracy(tiny_decoders, tmp_path):
     rows = [{"question": f"what is {i} plus one", "answer": f"it is {i + 1}"} for i in range(40)]
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = from_dict(tiny_config(decoders["gpt2"], rounds=1, task="causal_lm", data={
+    cfg = from_dict(tiny_config(tiny_decoders["gpt2"], rounds=1, task="causal_lm", data={
         "source": "files", "train_file": str(path), "test_file": str(path), "prompt": "Q: {question} A:",
         "response_column": "answer"}))
     run_inprocess(cfg, tmp_path / "run", quiet=True)

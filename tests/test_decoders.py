@@ -11,7 +11,7 @@ from testbed.model.info import model_info
 from testbed.model.layers import running_layers
 from testbed.model.load import load_backbone
 from testbed.model.residency import hold
-from testbed.model.tiny import DECODERS, save_tiny_decoder, tiny_config
+from testbed.model.tiny import DECODERS, tiny_config
 from testbed.server.strategies import STRATEGIES
 
 LAYERS_PATH = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h"}
@@ -19,14 +19,9 @@ OUTPUT_PROJ = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "qwen2": ("self_a
                "gpt2": ("attn.c_proj", "mlp.c_proj")}
 
 
-@pytest.fixture(scope="module")
-def decoders(tmp_path_factory) -> dict[str, str]:
-    return {f: save_tiny_decoder(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in DECODERS}
-
-
 @pytest.mark.parametrize("family", DECODERS)
-def test_a_decoder_gets_a_pad_token_a_head_and_its_layers_and_blocks(decoders, family):
-    bb = load_backbone(ModelConfig(name=decoders[family]), 4, seed=0)
+def test_a_decoder_gets_a_pad_token_a_head_and_its_layers_and_blocks(tiny_decoders, family):
+    bb = load_backbone(ModelConfig(name=tiny_decoders[family]), 4, seed=0)
     assert bb.layers_path == LAYERS_PATH[family] and bb.num_layers == 2
     assert bb.tokenizer.pad_token == bb.tokenizer.eos_token  # the tokenizer shipped without one
     assert bb.model.config.pad_token_id == bb.tokenizer.eos_token_id
@@ -38,8 +33,8 @@ def test_a_decoder_gets_a_pad_token_a_head_and_its_layers_and_blocks(decoders, f
 
 @pytest.mark.parametrize("family", DECODERS)
 @torch.no_grad()
-def test_classification_pools_the_last_token_that_is_not_padding(decoders, family):
-    bb = load_backbone(ModelConfig(name=decoders[family]), 4, seed=0)
+def test_classification_pools_the_last_token_that_is_not_padding(tiny_decoders, family):
+    bb = load_backbone(ModelConfig(name=tiny_decoders[family]), 4, seed=0)
     bb.model.eval()
     text = "late goal"
     alone = bb.tokenizer([text], return_tensors="pt")
@@ -51,9 +46,9 @@ def test_classification_pools_the_last_token_that_is_not_padding(decoders, famil
 
 @pytest.mark.parametrize("family", DECODERS)
 @torch.no_grad()
-def test_a_decoder_layer_running_one_block_adds_nothing_for_the_other(decoders, family):
+def test_a_decoder_layer_running_one_block_adds_nothing_for_the_other(tiny_decoders, family):
     """Skipping a block equals zeroing its output projection (and bias): the residual passes unchanged."""
-    bb = load_backbone(ModelConfig(name=decoders[family]), 4, seed=0)
+    bb = load_backbone(ModelConfig(name=tiny_decoders[family]), 4, seed=0)
     bb.model.eval()
     ids = torch.randint(1000, 2000, (2, 6), generator=torch.Generator().manual_seed(0))
     for block, proj in zip(("ffn", "attn"), OUTPUT_PROJ[family]):
@@ -70,10 +65,11 @@ def test_a_decoder_layer_running_one_block_adds_nothing_for_the_other(decoders, 
         assert not torch.allclose(skipped, bb.model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
 @pytest.mark.parametrize("family", DECODERS)
-def test_a_lazy_decoder_reads_its_layers_from_the_causal_lm_checkpoint(decoders, family):
-    full = load_backbone(ModelConfig(name=decoders[family]), 4, seed=0)
-    lazy = load_backbone(ModelConfig(name=decoders[family]), 4, seed=0, resident=False)
+def test_a_lazy_decoder_reads_its_layers_from_the_causal_lm_checkpoint(tiny_decoders, family, task):
+    full = load_backbone(ModelConfig(name=tiny_decoders[family]), 4, seed=0, task=task)
+    lazy = load_backbone(ModelConfig(name=tiny_decoders[family]), 4, seed=0, resident=False, task=task)
     hold(lazy, [1], {1: "attn"})
     ffn = OUTPUT_PROJ[family][1].split(".")[0]
     assert next(lazy.layers[0].parameters()).device.type == "meta"
@@ -85,8 +81,8 @@ def test_a_lazy_decoder_reads_its_layers_from_the_causal_lm_checkpoint(decoders,
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_runs_a_round_on_a_decoder(decoders, tmp_path, name):
-    cfg = from_dict(tiny_config(decoders["llama"], rounds=1, **{"strategy.name": name}))
+def test_every_strategy_runs_a_round_on_a_decoder(tiny_decoders, tmp_path, name):
+    cfg = from_dict(tiny_config(tiny_decoders["llama"], rounds=1, **{"strategy.name": name}))
     summary = run_inprocess(cfg, tmp_path, quiet=True)
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert summary["rounds"] == 1 and not summary["failures"]
@@ -94,6 +90,6 @@ def test_every_strategy_runs_a_round_on_a_decoder(decoders, tmp_path, name):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-def test_fine_grained_pruning_runs_on_each_decoder_family(decoders, tmp_path, family):
-    cfg = from_dict(tiny_config(decoders[family], rounds=1, **{"strategy.name": "fedpruner_fine"}))
+def test_fine_grained_pruning_runs_on_each_decoder_family(tiny_decoders, tmp_path, family):
+    cfg = from_dict(tiny_config(tiny_decoders[family], rounds=1, **{"strategy.name": "fedpruner_fine"}))
     assert not run_inprocess(cfg, tmp_path, quiet=True)["failures"]

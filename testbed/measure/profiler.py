@@ -117,9 +117,8 @@ def profile_device(bb: Backbone, name: str, info: ModelInfo, lora_cfg: LoraConfi
     n = bb.num_layers
     g = torch.Generator().manual_seed(0)
     vocab = bb.model.config.vocab_size
-    batch = {"input_ids": torch.randint(1000 % vocab, vocab, (batch_size, seq_len), generator=g),
-             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-             "labels": torch.zeros(batch_size, dtype=torch.long)}
+    ids = torch.randint(1000 % vocab, vocab, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": bb.stand_in_labels(ids)}
     frozen = _median(_timed_steps(bb, {}, lora_cfg, batch, repeats, backward=False))
     fwd, bwd, saved = {}, {}, []
     for r in ranks:

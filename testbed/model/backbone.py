@@ -41,6 +41,11 @@ class Backbone:
         child = module.split(".")[0]
         return next((b for b, children in self.blocks.items() if child in children), None)
 
+    def stand_in_labels(self, ids: torch.Tensor) -> torch.Tensor:
+        """Labels for a step on made-up `ids` (measuring, profiling): class 0 for every row, or
+        for a causal LM the ids themselves (every token a target)."""
+        return ids.clone() if self.task == CAUSAL_LM else torch.zeros(len(ids), dtype=torch.long)
+
     def head_params(self) -> dict[str, nn.Parameter]:
         """The classifier head: every parameter outside the backbone.  A causal LM has none: its
         language-model head is pretrained (and often the embeddings, tied) and stays frozen."""
