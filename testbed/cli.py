@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from testbed.core.config import check_same_experiment, load_config
+from testbed.core.config import TASKS, check_same_experiment, load_config
 from testbed.core.errors import TestbedError
 
 
@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch", type=int, default=16)
     prof.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
     prof.add_argument("--ranks", default="2,8,16", help="LoRA ranks to time, comma-separated")
+    prof.add_argument("--task", default="classification", choices=TASKS,
+                      help="the head a step runs: a classification head, or a causal LM's own (default: classification)")
     prof.add_argument("--out", help="write the profile here (.yaml or .json); default: print it")
     prof.set_defaults(func=cmd_profile)
     comp = sub.add_parser("compare", help="run a study (strategies x seeds x device mixes x splits), then report")
@@ -140,7 +142,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     except ValueError:
         raise TestbedError(f"--ranks: expected comma-separated integers, got {args.ranks!r}") from None
     lora = LoraConfig(rank=max(ranks), alpha=2.0 * max(ranks))
-    bb = load_backbone(ModelConfig(name=args.model, max_length=args.seq_len, lora=lora), 4, seed=0)
+    bb = load_backbone(ModelConfig(name=args.model, max_length=args.seq_len, lora=lora), 4, seed=0, task=args.task)
     start = time.perf_counter()
     profile = profile_device(bb, args.model, model_info(bb), lora, args.batch, args.seq_len, ranks)
     print(f"testbed: profiled {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -119,3 +119,15 @@ def test_free_text_responses_report_loss_and_perplexity_but_no_accuracy(tiny_dec
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["accuracy"] is None and row["zero_shot_accuracy"] is None
     assert row["test_loss"] < row["zero_shot_loss"] and row["perplexity"] > 1
+
+
+def test_flop_counts_charge_a_causal_lm_head_on_every_token(tiny_decoders):
+    from testbed.core.config import ModelConfig
+    from testbed.measure.profiler import analytic_profile
+    from testbed.model.info import model_info
+    from testbed.model.load import load_backbone
+
+    heads = {task: analytic_profile(model_info(load_backbone(ModelConfig(name=tiny_decoders["llama"]), 4, 0,
+                                                             task=task)), "tiny", 32, 100.0).head_s
+             for task in ("classification", "causal_lm")}
+    assert heads["causal_lm"] > 16 * heads["classification"]  # every one of a row's 32 tokens, not once a row
