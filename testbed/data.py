@@ -6,9 +6,9 @@ Texts are tokenised once per run; every device then indexes into the same tensor
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
-import dataclasses
 import random
 import string
 from dataclasses import dataclass
@@ -27,8 +27,6 @@ class Split:
     texts: list[str]  # with task causal_lm, the prompts
     labels: list[int]  # all 0 where responses come from a column
     responses: list[str] | None = None  # task causal_lm: each row's response
-
-
 
 
 @dataclass
