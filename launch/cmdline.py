@@ -18,7 +18,8 @@ def find_mpirun() -> str:
     return found
 
 
-def mpirun_command(config: str, sets: list[str], out: Path, agents: int, resume: bool = False) -> list[str]:
+def mpirun_command(config: str, sets: list[str], out: Path, agents: int, resume: bool = False,
+                   force: bool = False) -> list[str]:
     ranks = agents + 1
     cmd = [find_mpirun(), "--enable-recovery", "-np", str(ranks)]
     if ranks > (os.cpu_count() or 1):
@@ -26,6 +27,8 @@ def mpirun_command(config: str, sets: list[str], out: Path, agents: int, resume:
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd += [sys.executable, "-m", "launch.mpi", config, "--resume" if resume else "--out", str(out)]
+    if force:
+        cmd.append("--force")
     for item in sets:
         cmd += ["--set", item]
     return cmd

@@ -1,6 +1,7 @@
 """Entry point for a distributed run: rank 0 aggregates, ranks 1..N are agents.
 
-    mpirun --enable-recovery -np N+1 .venv/bin/python -m launch.mpi CONFIG [--set K=V]... [--out DIR | --resume DIR]
+    mpirun --enable-recovery -np N+1 .venv/bin/python -m launch.mpi CONFIG [--set K=V]...
+        [--out DIR [--force] | --resume DIR]
 
 Ranks come from Open MPI (OMPI_COMM_WORLD_*), MPICH/PMI (PMI_*) or torchrun (RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT).  Under MPI, rank 0 picks a free port and shares
@@ -26,13 +27,13 @@ import torch.distributed as dist
 from launch.net import free_port, interface_address, route_interface
 from testbed.comm.distributed import DistTransport, patience_s
 from testbed.comm.join import Joined
-from testbed.core.config import (ExperimentConfig, check_same_experiment,
-                                 load_config)
+from testbed.core.config import ExperimentConfig, load_config
 from testbed.core.errors import TestbedError
 from testbed.data import write_labels
 from testbed.experiments.setup import setup
 from testbed.server.experiment import Experiment
 from testbed.server.loop import RoundLoop
+from testbed.server.rundir import RunDir
 
 log = logging.getLogger("testbed.launch")
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--out", help="run directory on rank 0 (default: runs/<config name>-<time>)")
     where.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last complete round")
+    ap.add_argument("--force", action="store_true", help="--out: replace the run DIR holds")
     args = ap.parse_args(argv)
     try:
         rank, size, launcher = world()
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except TestbedError as exc:
         print(f"testbed: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, which mpirun passes on: the checkpoint stands
+        return 130
     return 0
 
 
@@ -120,12 +124,12 @@ def run_aggregator(cfg: ExperimentConfig, agents: int, key: bytes, args: argpars
                               patience_s(cfg))
     try:
         joined = transport.join(exp.info)
-        if args.resume:  # checked here too for torchrun users; after joining, so that the agents are told bye
-            check_same_experiment(cfg, out / "config.yaml")
-        use_measured(exp, joined, out / "profiles")
-        loop = RoundLoop(exp, transport, out, resume=bool(args.resume))
-        write_labels(exp.data.label_names, out)
-        loop.run()
+        # The directory is taken here too for torchrun users; after joining, so that the agents are told bye.
+        with RunDir.take(out, cfg, bool(args.resume), args.force):
+            use_measured(exp, joined, out / "profiles")
+            loop = RoundLoop(exp, transport, out, resume=bool(args.resume))
+            write_labels(exp.data.label_names, out)
+            loop.run()
     finally:
         transport.close()
 

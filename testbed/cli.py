@@ -2,48 +2,87 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from testbed.core.config import TASKS, check_same_experiment, load_config
+from testbed import __version__
+from testbed.core.config import TASKS, ExperimentConfig, load_config
 from testbed.core.errors import TestbedError
+from testbed.core.hub import check_model_name
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which stops a command as Ctrl-C does (with exit status 143 instead of 130)."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The bundled model and local files need no hub: offline unless told otherwise, a name that
+    # is not cached fails at once, with one line, instead of after a minute of retries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, terminate)
     args = parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except TestbedError as exc:
         print(f"testbed: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("testbed: interrupted", file=sys.stderr)
-        return 130
+        return stop_status(exc)
+
+
+def terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def stop_status(exc: KeyboardInterrupt) -> int:
+    return 143 if isinstance(exc, Terminated) else 130
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed", description="Federated LoRA fine-tuning testbed.")
+    p.add_argument("--version", action="version", version=f"testbed {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run one experiment from a YAML config")
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
     where = run.add_mutually_exclusive_group()
-    where.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
+    where.add_argument("--out", help="run directory (default: runs/<config name>-<time>); refused if it holds "
+                                     "a run, unless --force")
     where.add_argument("--resume", metavar="DIR",
                        help="continue the run in DIR after its last complete round (same config; rounds may grow; "
                             "--launcher mpi: unless devices keep personal layers)")
+    run.add_argument("--force", action="store_true", help="--out: replace the run the directory holds")
     run.add_argument("--quiet", action="store_true", help="no progress bar or final table")
     run.add_argument("--launcher", choices=("inprocess", "mpi"), default="inprocess",
                      help="inprocess (default): every device in this process; mpi: mpirun with N agent ranks")
     run.add_argument("--agents", type=int, default=0, metavar="N",
                      help="agent ranks for --launcher mpi (default: one per device)")
     run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="check a config, its data and devices (and an inventory); train nothing")
+    check.add_argument("config")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable)")
+    check.add_argument("-i", "--inventory", help="also check the config deployed on this inventory's hosts")
+    check.set_defaults(func=cmd_check)
+    init = sub.add_parser("init", help="write a commented starting config")
+    init.add_argument("--data", metavar="FILE", help="train on this file (CSV, TSV, TXT, JSON, JSONL or Parquet); "
+                                                    "default: the generated synthetic task")
+    init.add_argument("--test", metavar="FILE", help="test on this file (default: the --data file itself)")
+    init.add_argument("--text", action="append", metavar="COLUMN",
+                      help="--data's text column (repeatable; default: text)")
+    init.add_argument("--label", metavar="COLUMN", help="--data's label column (default: label)")
+    init.add_argument("--out", default="experiment.yaml", metavar="FILE", help="default: experiment.yaml")
+    init.set_defaults(func=cmd_init)
     prof = sub.add_parser("profile", help="measure this device: per-layer seconds and memory for a model")
     prof.add_argument("--model", default="minilm", help="model name or path (default: minilm)")
     prof.add_argument("--seq-len", type=int, default=64)
@@ -78,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
                                      "hosts' run directories")
     where.add_argument("--resume", metavar="DIR", help="continue the deployed run in DIR after its last complete "
                                                        "round (stopping and replacing what is left of it on the hosts)")
+    dep.add_argument("--force", action="store_true", help="--out: replace the run the directory holds")
     dep.add_argument("--known-hosts", metavar="FILE",
                      help="host keys to verify against (default: each host's testbed_known_hosts, else "
                           "~/.ssh/known_hosts)")
@@ -102,28 +142,114 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    if args.resume:
-        out = Path(args.resume)
-        check_same_experiment(cfg, out / "config.yaml")
-        if args.launcher == "mpi":  # refused before mpirun starts, if agents would lack what they held
+    check_model_name(cfg.model.name)  # before torch even loads
+    if args.force and not args.out:
+        raise TestbedError("--force goes with --out DIR: it replaces the run in DIR")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.resume or args.out or Path("runs") / f"{Path(args.config).stem}-{stamp}")
+    try:
+        code = run_mpi(args, cfg, out) if args.launcher == "mpi" else run_here(args, cfg, out)
+    except KeyboardInterrupt as exc:
+        print(f"testbed: {stopped(args, cfg, out)}", file=sys.stderr)
+        return stop_status(exc)
+    if code == 0:
+        print(f"testbed: results in {out}", file=sys.stderr)
+    return code
+
+
+def run_here(args: argparse.Namespace, cfg: ExperimentConfig, out: Path) -> int:
+    from testbed.experiments.run import run_inprocess
+
+    run_inprocess(cfg, out, args.quiet, resume=bool(args.resume), force=args.force)
+    return 0
+
+
+def run_mpi(args: argparse.Namespace, cfg: ExperimentConfig, out: Path) -> int:
+    """The run directory and the data are checked here, before mpirun starts; rank 0 then holds
+    the directory for the run."""
+    from launch.cmdline import mpirun_command
+    from testbed.experiments.setup import check_inputs
+    from testbed.server.rundir import RunDir
+
+    check_inputs(cfg)
+    with RunDir.take(out, cfg, bool(args.resume), args.force):
+        if args.resume:  # refused before mpirun starts, if agents would lack what they held
             from testbed.comm.distributed import check_resumable
             from testbed.server.checkpoint import load_checkpoint
 
             check_resumable(load_checkpoint(out).transport)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
     print(f"testbed: run directory {out}", file=sys.stderr)
+    agents = args.agents or sum(d.count for d in cfg.devices.values())
+    cmd = mpirun_command(args.config, args.set, out, agents, resume=bool(args.resume), force=args.force)
+    print("testbed: " + " ".join(cmd), file=sys.stderr)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached mpirun too; SIGTERM only this process: pass it on
+        proc.terminate()
+        proc.wait()
+        raise
+
+
+def stopped(args: argparse.Namespace, cfg: ExperimentConfig, out: Path) -> str:
+    """What a stopped run says: how far it got (as the progress bar counts), and the command
+    that continues it."""
+    command = ["testbed", "run", args.config, *set_options(args.set)]
     if args.launcher == "mpi":
-        from launch.cmdline import mpirun_command
+        command += ["--launcher", "mpi"] + (["--agents", str(args.agents)] if args.agents else [])
+    if not (out / "checkpoint.pt").is_file():
+        command += ["--out", str(out), "--force"]
+        return f"stopped before a round ended; start again with: {shlex.join(command)}"
+    from testbed.server.checkpoint import load_checkpoint
 
-        agents = args.agents or sum(d.count for d in cfg.devices.values())
-        cmd = mpirun_command(args.config, args.set, out, agents, resume=bool(args.resume))
-        print("testbed: " + " ".join(cmd), file=sys.stderr)
-        return subprocess.run(cmd).returncode
-    from testbed.experiments.run import run_inprocess
+    done = load_checkpoint(out).round + 1
+    return f"stopped after round {done} of {cfg.rounds}; continue with: {shlex.join(command + ['--resume', str(out)])}"
 
-    run_inprocess(cfg, out, args.quiet, resume=bool(args.resume))
+
+def set_options(sets: list[str]) -> list[str]:
+    """`--set K=V` options as they were given, for a command line to repeat."""
+    return [word for item in sets for word in ("--set", item)]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from testbed.experiments.setup import check_inputs
+
+    cfg = load_config(args.config, args.set)
+    where = args.config
+    if args.inventory:
+        from launch.deploy.payload import run_config
+        from launch.inventory import load_inventory
+        from testbed.core.config import from_dict
+
+        agents = [h for h in load_inventory(args.inventory) if h.role == "agent"]
+        where = f"{args.config} on {args.inventory}"
+        cfg = from_dict(run_config(cfg, agents), where)
+    inputs = check_inputs(cfg)
+    splits = inputs.splits
+    sizes = sorted(len(s.train) + len(s.val) for s in inputs.shards.values())
+    classes = collections.Counter(d.device_class for d in inputs.devices.values())
+    print(f"{where}: ready (checked without loading the model; nothing was trained)\n"
+          f"  strategy  {cfg.strategy.name}, {cfg.rounds} rounds\n"
+          f"  model     {cfg.model.name}\n"
+          f"  devices   {len(inputs.devices)}: {', '.join(f'{n} {c}' for c, n in classes.items())}\n"
+          f"  data      {len(splits.train.labels)} training rows ({sizes[0]} to {sizes[-1]} per device), "
+          f"{len(splits.test.labels)} test rows, {splits.num_labels} labels"
+          + (f" ({', '.join(splits.label_names)})" if splits.label_names else ""))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from testbed.experiments.starter import starter_config
+
+    if args.data is None and (args.test or args.text or args.label):
+        raise TestbedError("init: --test, --text and --label describe a --data file; name it")
+    path = Path(args.out)
+    if path.exists():
+        raise TestbedError(f"{path} exists already; pick another --out")
+    path.write_text(starter_config(args.out, args.data or "", args.test or "", args.text or ["text"],
+                                   args.label or "label"))
+    print(f"testbed: wrote {path}; check it with `testbed check {path}`, run it with `testbed run {path}`",
+          file=sys.stderr)
     return 0
 
 
@@ -159,7 +285,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from testbed.experiments.study import load_study, run_study
 
     study = load_study(args.study, args.set, args.out)
-    runs = run_study(study)
+    try:
+        runs = run_study(study)
+    except KeyboardInterrupt as exc:
+        command = ["testbed", "compare", args.study, *set_options(args.set), "--out", str(study.out)]
+        print(f"testbed: stopped; finished runs are kept, and the same command continues: {shlex.join(command)}",
+              file=sys.stderr)
+        return stop_status(exc)
     path = write_report(runs, study.out, study.baseline, f"Study {Path(args.study).stem}")
     print(f"testbed: wrote {path}", file=sys.stderr)
     return 0
@@ -188,6 +320,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.resume or args.out or Path("runs") / f"{Path(args.config).stem}-{stamp}")
+    if not (args.resume or args.check):  # an existing run is refused (or removed) before any host is touched
+        from testbed.server.rundir import RunDir
+
+        RunDir.take(out, load_config(args.config, args.set), force=args.force).release()
     known = Path(args.known_hosts).expanduser() if args.known_hosts else None
     return deploy(DeployOptions(args.inventory, args.config, out, known, args.set, args.accept_new_host_keys,
                                 args.bootstrap, args.check, resume=bool(args.resume)))

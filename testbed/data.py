@@ -310,7 +310,12 @@ def _int_ids(table: Table, cfg: DataConfig) -> list[int]:
 
 
 def write_labels(names: list[str] | None, folder: Path) -> None:
-    """labels.json in a run directory: string labels' names, by id (none for integer labels)."""
+    """labels.json in a run directory: string labels' names, by id (none for integer labels).  A
+    resumed run's must be the same: its checkpoint's head was trained with those ids."""
+    path = folder / "labels.json"
+    if path.is_file() and json.loads(path.read_text()) != names:
+        raise TestbedError(f"{path}: the run's labels were {json.loads(path.read_text())}, the data now gives "
+                           f"{names}: the data files changed since the run started")
     if names is not None:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "labels.json", (json.dumps(names) + "\n").encode())

@@ -58,7 +58,7 @@ def test_each_cell_runs_once_a_killed_cell_resumes_and_the_report_matches_the_ru
     for f in dirs[0].iterdir():
         f.unlink()
     dirs[0].rmdir()
-    run_inprocess(dataclasses.replace(study.cells[2].cfg, rounds=1), dirs[2], quiet=True)
+    run_inprocess(dataclasses.replace(study.cells[2].cfg, rounds=1), dirs[2], quiet=True, force=True)
     (dirs[2] / "summary.json").unlink()
     untouched = {d: (d / "summary.json").stat().st_mtime_ns for d in (dirs[1], dirs[3])}
     log = io.StringIO()

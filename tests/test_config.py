@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,20 @@ def test_bad_values_name_file_and_dotted_key(tmp_path, data, key, words):
         load_config(path)
     msg = str(err.value)
     assert str(path) in msg and f" {key}:" in msg and words in msg
+
+
+@pytest.mark.parametrize("data, hint", [
+    ({"train": {"lrr": 1e-3}}, "train.lrr: unknown key; did you mean `lr`?"),
+    ({"round": 3}, "round: unknown key; did you mean `rounds`?"),
+    ({"strategy": {"name": "fedlorra"}}, "unknown strategy 'fedlorra'; did you mean `fedlora`?"),
+    ({"strategy": {"name": "legend", "max_rnak": 8}}, "strategy.max_rnak: unknown key; did you mean `max_rank`?"),
+])
+def test_a_misspelt_key_or_name_gets_a_guess(tmp_path, data, hint):
+    with pytest.raises(TestbedError, match=re.escape(hint)):
+        load_config(write(tmp_path, data))
+    with pytest.raises(TestbedError) as err:
+        load_config(write(tmp_path, {"zebra": 1}))
+    assert "did you mean" not in str(err.value)  # no guess where nothing is close
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -6,11 +6,12 @@ from pathlib import Path
 import datasets
 import pytest
 
-from testbed.core.config import DataConfig, from_dict
+from testbed.core.config import DataConfig, ExperimentConfig, from_dict
 from testbed.core.errors import TestbedError
 from testbed.data import load_splits, partition, synthetic_topics, write_labels
 from testbed.experiments.setup import setup
 from testbed.model.tiny import tiny_config
+from testbed.server.recorder import data_label
 from tests.helpers import AG_NEWS
 
 
@@ -127,6 +128,10 @@ def test_string_labels_get_ids_sorted_or_in_the_listed_order(tmp_path):
         load_splits(DataConfig(**{**vars(cfg), "label_offset": 1}), 0)
     write_labels(splits.label_names, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["neg", "neutral", "pos"]
+    write_labels(splits.label_names, tmp_path / "run")  # a resume with the same labels
+    with pytest.raises(TestbedError, match=r"labels.json: the run's labels were \['neg', 'neutral', 'pos'\], "
+                                           r"the data now gives \['pos', 'neutral', 'neg'\]"):
+        write_labels(ordered.label_names, tmp_path / "run")
 
 
 def test_a_test_label_the_training_file_never_has_is_refused(tmp_path):
@@ -180,6 +185,7 @@ def test_a_hub_dataset_with_a_configuration_and_a_validation_split(hub_dataset):
     splits = load_splits(cfg, 0)
     assert splits.train.texts == ["the cat sat", "cat the sat"] and splits.train.labels == [1, 0]
     assert splits.test.labels == [0, 1] and splits.num_labels == 2
+    assert data_label(ExperimentConfig(data=cfg)) == f"{hub_dataset}/cola (iid)"  # the summary's name for it
     with pytest.raises(TestbedError, match=r"data.test_split: no split 'dev' in .* \(splits: train, validation, "
                                            r"test\)"):
         load_splits(DataConfig(**{**vars(cfg), "test_split": "dev"}), 0)

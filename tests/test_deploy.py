@@ -140,6 +140,12 @@ def test_the_files_a_config_names_are_found_and_rewritten(tiny_bert, tmp_path):
     raw["data"]["test_file"] = str(tmp_path / "missing.csv")
     with pytest.raises(TestbedError, match="data.test_file: .*missing.csv not found"):
         named_files(raw)
+    (tmp_path / "suite").mkdir()  # a hub dataset saved locally travels too; a hub id does not
+    hub = run_config(from_dict(tiny_config(tiny_bert, **{"data.source": "hub", "data.hub_name": str(
+        tmp_path / "suite")})), [Host("h", "h")])
+    assert named_files(hub)["data.hub_name"] == tmp_path / "suite"
+    hub["data"]["hub_name"] = "glue"
+    assert "data.hub_name" not in named_files(hub)
 
 
 # -- checks: nothing starts unless every host is ready -------------------------------------------

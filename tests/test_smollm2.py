@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from testbed.core.config import from_dict
+from testbed.core.errors import TestbedError
+from testbed.core.hub import BUNDLED_GGUF, check_model_name
 from testbed.experiments.run import run_inprocess
 from testbed.measure.scoring import option_logliks
 from testbed.model.convert import publish
@@ -22,6 +24,13 @@ def test_a_conversion_finished_second_leaves_the_first_in_place(tmp_path):
         publish(tmp, target)
     assert (target / "config.json").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.second", "model"]  # convert() removes it
+
+
+def test_a_bundled_gguf_model_is_found_without_converting_and_a_missing_package_is_named(monkeypatch):
+    check_model_name("smollm2")
+    monkeypatch.setitem(BUNDLED_GGUF, "absent", ("no_such_package_xyz", "absent.gguf"))
+    with pytest.raises(TestbedError, match="needs the package no-such-package-xyz"):
+        check_model_name("absent")
 
 
 @pytest.mark.model

@@ -37,6 +37,9 @@ def named_files(raw: dict) -> dict[str, Path]:
     name = raw["model"]["name"]
     if name not in BUNDLED and Path(name).exists():
         found["model.name"] = Path(name).resolve()
+    hub = raw["data"].get("hub_name")
+    if raw["data"]["source"] == "hub" and hub and Path(hub).is_dir():  # a dataset saved locally, not a hub id
+        found["data.hub_name"] = Path(hub).resolve()
     for key, path in found.items():
         if not path.exists():
             raise TestbedError(f"{key}: {path} not found")

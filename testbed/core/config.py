@@ -8,6 +8,7 @@ the raw mapping first, so they are validated exactly like the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -50,8 +51,9 @@ class ModelConfig:
                                     "$TESTBED_MODEL_CACHE, else testbed/models in the user's cache directory "
                                     "($XDG_CACHE_HOME or ~/.cache)")
     max_length: int = option(64, lo=4, hi=8192, doc="tokens per example: longer texts are truncated, shorter padded")
-    threads: int = option(2, lo=0, doc="torch threads per process; 0 = auto: the cores this process may use "
-                                        "(affinity, cgroup CPU quota) that other processes leave free, at least 1")
+    threads: int = option(0, lo=0, doc="torch threads per process; 0 = auto: the cores this process may use "
+                                        "(affinity, cgroup CPU quota) that other processes leave free, at least 1; "
+                                        "metrics do not depend on it")
     profile: str = option("", doc="DeviceProfile the device classes' speeds are relative to; "
                                   "default: the one shipped for the model, else FLOP counts")
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -118,12 +120,8 @@ class DataConfig:
     synthetic_classes: int = option(4, lo=2, hi=8, doc="topics to tell apart (source: synthetic)")
 
 
-# `train.lr: auto`, by model.name: the learning rate measured as best for LoRA on the model, on a
-# validation split of 800 training rows held out (FedLoRA, 4 IID devices, every other key at its
-# default).  MiniLM on AG News: 5e-4 0.698, 1e-3 0.804, 2e-3 0.864, 4e-3 0.885 / 0.893, 8e-3
-# 0.894 / 0.878 / 0.903, 1.6e-2 0.823 (seeds 0 / 1 / 2); on the synthetic topics 4e-3 and 8e-3
-# both reach 0.996-1.0.  4e-3: as good as 8e-3 on the seeds run, with less spread (every value on
-# seed 0, the best ones on more).  A model not measured gets FALLBACK_LR, a cautious value.
+# `train.lr: auto`, by model.name: the learning rate bench/lr.py measured as best for LoRA on the model
+# (docs/benchmarks.md, "Learning rate").  A model not measured gets FALLBACK_LR, a cautious value.
 MEASURED_LR = {"minilm": 4e-3}
 FALLBACK_LR = 5e-4
 
@@ -269,7 +267,7 @@ def save_config(cfg: ExperimentConfig, path: Path) -> None:
 
 def _strategy_options(name: str, source: str) -> type:
     if name not in STRATEGY_OPTIONS:
-        raise TestbedError(f"{source}: strategy.name: unknown strategy {name!r} "
+        raise TestbedError(f"{source}: strategy.name: unknown strategy {name!r}{did_you_mean(name, STRATEGY_OPTIONS)} "
                            f"(known: {', '.join(sorted(STRATEGY_OPTIONS))})")
     return STRATEGY_OPTIONS[name]
 
@@ -323,7 +321,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise TestbedError(f"{source}: {_dot(prefix, str(key))}: unknown key "
+            raise TestbedError(f"{source}: {_dot(prefix, str(key))}: unknown key{did_you_mean(str(key), known)} "
                                f"(known: {', '.join(known)})")
     values = {}
     for name, f in known.items():
@@ -384,6 +382,12 @@ def _check_scalar(tp: type, value: Any, key: str, source: str, meta: Any) -> Any
     if choices and value not in choices:
         raise TestbedError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
     return value
+
+
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    """`; did you mean `lr`?` for the known name closest to a misspelt one, if one is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def _dot(prefix: str, name: str) -> str:

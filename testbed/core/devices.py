@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from testbed.core.config import DeviceSpec
+from testbed.core.config import DeviceSpec, did_you_mean
 from testbed.core.errors import TestbedError
 
 
@@ -68,7 +68,8 @@ def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices") -> 
     for key, spec in mix.items():
         cls_name = spec.device_class or key
         if cls_name not in CLASSES:
-            raise TestbedError(f"{source}: unknown device class {cls_name!r} (known: {', '.join(CLASSES)})")
+            raise TestbedError(f"{source}: unknown device class {cls_name!r}{did_you_mean(cls_name, CLASSES)} "
+                               f"(known: {', '.join(CLASSES)})")
         if spec.device_class and spec.count != 1:
             raise TestbedError(f"{source}.{key}: a device named by its key (device_class set) has count 1")
         c = CLASSES[cls_name]

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from testbed.core.config import CAUSAL_LM, ExperimentConfig, ModelConfig
-from testbed.core.devices import devices_from_config
-from testbed.data import (Dataset, Split, Tokens, load_splits, partition,
-                          tokenize, tokenize_instructions)
+from testbed.core.devices import Device, devices_from_config
+from testbed.core.hub import check_model_name
+from testbed.data import (Dataset, Shard, Split, Splits, Tokens, load_splits,
+                          partition, tokenize, tokenize_instructions)
 from testbed.measure.activations import measure_activations
 from testbed.measure.cores import cpu_load
 from testbed.measure.profiler import (DeviceProfile, analytic_profile,
@@ -18,6 +20,7 @@ from testbed.model.info import ModelInfo, model_info
 from testbed.model.load import load_backbone
 from testbed.server.costmodel import REFERENCE_GFLOPS, CostModel
 from testbed.server.experiment import Experiment
+from testbed.server.strategies import STRATEGIES
 
 PROFILES = Path(__file__).resolve().parents[2] / "inventory" / "profiles"
 
@@ -71,19 +74,40 @@ def tokens(cfg: ExperimentConfig, tokenizer, split: Split, chat: bool, options: 
     return tokenize(tokenizer, split, cfg.model.max_length)
 
 
-def setup(cfg: ExperimentConfig, agent: bool = False) -> Experiment:
-    """`agent`: for an agent process, whose backbone reads layers only when a plan runs them."""
-    set_threads(cfg.model)
+@dataclass
+class Inputs:
+    """What a run is checked against before its model loads."""
+
+    devices: dict[str, Device]
+    splits: Splits
+    shards: dict[str, Shard]
+
+
+def check_inputs(cfg: ExperimentConfig) -> Inputs:
+    """Every check that needs no model (`testbed check`, and a run before its slow model load):
+    the devices, the strategy's options, the data (files, columns, labels) and its shards, and that
+    the model can be found."""
     devices = {d.name: d for d in devices_from_config(cfg.devices)}
+    STRATEGIES[cfg.strategy.name].check_options(cfg.strategy)
     splits = load_splits(cfg.data, cfg.seed, cfg.task)
-    shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)  # before the slow model load
+    shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)
+    check_model_name(cfg.model.name)
+    return Inputs(devices, splits, shards)
+
+
+def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = None) -> Experiment:
+    """`agent`: for an agent process, whose backbone reads layers only when a plan runs them.
+    `inputs`: check_inputs(cfg), where the caller has it already."""
+    set_threads(cfg.model)
+    inputs = inputs or check_inputs(cfg)
+    devices, splits = inputs.devices, inputs.splits
     if splits.label_names and not agent:
         print("testbed: labels " + ", ".join(f"{n}={i}" for i, n in enumerate(splits.label_names)), file=sys.stderr)
     bb = load_backbone(cfg.model, splits.num_labels, cfg.seed, resident=not agent, task=cfg.task)
     chat = uses_chat(cfg, bb.tokenizer, quiet=agent)
     data = Dataset(tokens(cfg, bb.tokenizer, splits.train, chat, splits.options),
                    tokens(cfg, bb.tokenizer, splits.test, chat, splits.options),
-                   splits.num_labels, shards, cfg.data.source == "synthetic", splits.label_names)
+                   splits.num_labels, inputs.shards, cfg.data.source == "synthetic", splits.label_names)
     info = model_info(bb)
     if agent:
         return Experiment(cfg, bb, info, data, devices, None)

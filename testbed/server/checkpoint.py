@@ -27,6 +27,8 @@ class Checkpoint:
     transport: dict  # Transport.state_dict(): what agents keep between rounds, where this process holds it
     device_state: dict[str, dict]  # every device's fields (speeds are refreshed online on the wall clock)
     rng: dict  # the Python and torch generators' states
+    config: dict | None  # the run's config (testbed.core.config.to_dict), to tell whose checkpoint it is;
+    # None in a checkpoint written before checkpoints named their config
 
 
 def capture_rng() -> dict:
@@ -43,7 +45,8 @@ def write_checkpoint(out: Path, c: Checkpoint) -> None:
     payload = {"round": c.round, "lora": c.state.lora, "head": c.state.head, "strategy": c.strategy,
                "clock_s": c.clock_s, "wall_s": c.wall_s, "rows": c.record.rows,
                "devices": {name: t.as_dict() for name, t in c.record.totals.items()},
-               "failures": c.record.failures, "transport": c.transport, "device_state": c.device_state, "rng": c.rng}
+               "failures": c.record.failures, "transport": c.transport, "device_state": c.device_state, "rng": c.rng,
+               "config": c.config}
     tmp = out / "checkpoint.pt.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, out / "checkpoint.pt")
@@ -60,4 +63,5 @@ def load_checkpoint(out: Path) -> Checkpoint:
     totals = {name: DeviceTotals.from_dict(t) for name, t in c["devices"].items()}
     return Checkpoint(round=c["round"], state=GlobalState(c["lora"], c["head"]), strategy=c["strategy"],
                       clock_s=c["clock_s"], wall_s=c["wall_s"], record=Record(c["rows"], totals, c["failures"]),
-                      transport=c["transport"], device_state=c["device_state"], rng=c["rng"])
+                      transport=c["transport"], device_state=c["device_state"], rng=c["rng"],
+                      config=c.get("config"))

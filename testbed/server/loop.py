@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from testbed.comm.transport import Transport
-from testbed.core.config import CAUSAL_LM
+from testbed.core.config import CAUSAL_LM, to_dict
 from testbed.core.plan import Job, LayerProbe, Plan, Update
 from testbed.core.state import GlobalState
 from testbed.measure.evaluate import evaluate
@@ -79,7 +79,8 @@ class RoundLoop:
         write_checkpoint(self.out, Checkpoint(
             round=r, state=self.state, strategy=self.strategy.state_dict(), clock_s=self.clock_s, wall_s=self.wall_s,
             record=self.recorder.record, transport=self.transport.state_dict(),
-            device_state={n: dataclasses.asdict(d) for n, d in self.exp.devices.items()}, rng=capture_rng()))
+            device_state={n: dataclasses.asdict(d) for n, d in self.exp.devices.items()}, rng=capture_rng(),
+            config=to_dict(self.cfg)))
 
     def restore(self, c: Checkpoint) -> None:
         self.first_round = c.round + 1
@@ -91,7 +92,7 @@ class RoundLoop:
             for key, value in fields.items():
                 setattr(self.exp.devices[name], key, value)
         restore_rng(c.rng)
-        print(f"testbed: resuming after round {c.round} of {self.cfg.rounds}", file=sys.stderr)
+        print(f"testbed: resuming after round {c.round + 1} of {self.cfg.rounds}", file=sys.stderr)  # as the bar counts
 
     def run(self) -> dict:
         desc = f"{self.cfg.strategy.name}" + (" [synthetic data]" if self.exp.data.synthetic else "")

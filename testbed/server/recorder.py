@@ -2,6 +2,7 @@
 failures, and summary.json at the end."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class RunRecorder:
         if resumed:
             self.note_restart()
         out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)  # a summary is of a finished run; this one is not, yet
         save_config(exp.cfg, out / "config.yaml")
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.record.rows).encode())
 
@@ -87,7 +89,7 @@ class RunRecorder:
         logged = metrics.read_text().count("\n") if metrics.is_file() else 0
         redone = max(0, logged - done)
         self.record.failures.append({"round": done, "device": "aggregator", "kind": "restart",
-                                     "detail": f"stopped after round {done - 1}; resumed from its checkpoint "
+                                     "detail": f"stopped with {done} rounds done; resumed from its checkpoint "
                                                f"({redone} later round(s) in the log run again)"})
 
     def round(self, r: int, plans: dict[str, Plan], updates: list[Update], failures: list[Failure],
@@ -191,17 +193,24 @@ def data_label(cfg: ExperimentConfig) -> str:
     d = cfg.data
     if d.source == "synthetic":
         return f"synthetic topics ({d.synthetic_classes} classes, generated)"
-    name = d.hub_name if d.source == "hub" else Path(d.train_file).name
+    if d.source == "hub":
+        name = f"{d.hub_name}/{d.hub_config}" if d.hub_config else d.hub_name
+    else:
+        name = Path(d.train_file).name
     return f"{name} ({d.partition}{f', alpha={d.alpha:g}' if d.partition == 'dirichlet' else ''})"
 
 
 def table(summary: dict) -> str:
-    def fmt(v):
+    def fmt(key: str, v) -> str:
+        if v is None:  # only the time to target, never reached, or an accuracy never evaluated
+            return "not reached" if key == "time_to_target_s" else "n/a"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     keys = ["method", "data", "rounds", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
             "clock", "clock_s", "wall_s", "bytes_up", "bytes_down", "peak_train_mem_mb", "peak_rss_mb"]
     width = max(map(len, keys))
-    lines = [f"{k:<{width}}  {fmt(summary[k])}" for k in keys]
-    lines.append(f"{'failures':<{width}}  {len(summary['failures'])}")
+    lines = [f"{k:<{width}}  {fmt(k, summary[k])}" for k in keys]
+    kinds = collections.Counter(f["kind"] for f in summary["failures"])
+    lines.append(f"{'failures':<{width}}  {sum(kinds.values())}"
+                 + (f" ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""))
     return "\n".join(lines)

@@ -55,12 +55,15 @@ class Adaptive(Strategy):
     def max_rank(cls, cfg) -> int:
         return top_rank(cfg)  # as LEGEND: the top layer's rank
 
+    @classmethod
+    def check_options(cls, opts) -> None:
+        if not opts.factors or any(f <= 0 for f in opts.factors):
+            raise TestbedError(f"strategy.factors: expected positive numbers, got {opts.factors}")
+        if not opts.drops or any(not 0 <= p < 1 for p in opts.drops):
+            raise TestbedError(f"strategy.drops: expected numbers in [0, 1), got {opts.drops}")
+
     def __init__(self, ctx):
         super().__init__(ctx)
-        if not self.opts.factors or any(f <= 0 for f in self.opts.factors):
-            raise TestbedError(f"strategy.factors: expected positive numbers, got {self.opts.factors}")
-        if not self.opts.drops or any(not 0 <= p < 1 for p in self.opts.drops):
-            raise TestbedError(f"strategy.drops: expected numbers in [0, 1), got {self.opts.drops}")
         # FedPruner (its default options) picks the submodel of a device whose memory is too small.
         self.pruner = Pruner(ctx, FedPrunerOptions(name=FedPruner.name), fine=False)
         self.probe: LayerProbe | None = None  # the pruner's probe of the global model

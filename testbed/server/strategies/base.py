@@ -15,6 +15,7 @@ from typing import Callable
 from testbed.comm.transport import Failure
 from testbed.core.config import ExperimentConfig
 from testbed.core.devices import Device
+from testbed.core.options import StrategyConfig
 from testbed.core.plan import LayerProbe, Plan, Report, Update
 from testbed.core.state import GlobalState
 from testbed.model.info import ModelInfo
@@ -42,6 +43,10 @@ class Strategy(abc.ABC):
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.opts = ctx.cfg.strategy
+
+    @classmethod
+    def check_options(cls, opts: StrategyConfig) -> None:
+        """Refuse options the config's ranges cannot (TestbedError); run before the model loads."""
 
     @classmethod
     def max_rank(cls, cfg: ExperimentConfig) -> int:

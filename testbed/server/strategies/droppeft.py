@@ -39,6 +39,11 @@ from testbed.server.strategies.base import Strategy, base_plan
 class DropPEFT(Strategy):
     name = "droppeft"
 
+    @classmethod
+    def check_options(cls, opts) -> None:
+        for shape in opts.shapes:
+            cls.arm(shape, 0.0, 1)  # refuses a shape it does not know
+
     def __init__(self, ctx):
         super().__init__(ctx)
         n = ctx.model.num_layers
