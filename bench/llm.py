@@ -16,8 +16,9 @@ holds, FedLoRA's accuracy against the untuned model's, and the cost of scoring l
 - scoring: seconds to score 800 test rows (each label word's log-likelihood, batches of 16) with
   the untuned model, and its zero-shot accuracy on them.
 
-Full: all of it (about an hour on 2 quiet cores; training steps dominate).  --quick: conversion, batch 8 at 1 thread, 8 and
-30 layers, one short round on 80 test rows, scoring 80 rows (under 5 min).
+Full: all of it (about an hour on 2 quiet cores; training steps dominate).  --quick: conversion,
+batch 8 at 1 thread, 8 and 30 layers, one short round on 80 test rows, scoring 80 rows (under
+5 min).
 One JSON object on the last line.
 """
 from __future__ import annotations
