@@ -112,9 +112,10 @@ def step_times(exp, batches: list[int], threads: list[int], steps: int) -> dict:
     for t in threads:
         torch.set_num_threads(t)
         for b in batches:
-            run = lambda n: train_plan(exp.bb, Plan(ranks=dict.fromkeys(layers, 8), local_steps=n, batch_size=b),  # noqa: E731
-                                       lora, {}, train, list(range(len(train))), exp.cfg.model.lora, exp.cfg.train,
-                                       seed=0)
+            def run(n: int, b: int = b):
+                plan = Plan(ranks=dict.fromkeys(layers, 8), local_steps=n, batch_size=b)
+                return train_plan(exp.bb, plan, lora, {}, train, list(range(len(train))), exp.cfg.model.lora,
+                                  exp.cfg.train, seed=0)
             run(1)  # warm-up: this thread count's kernels and buffers
             out[f"batch_{b}_threads_{t}"] = round(run(steps).step_s, 3)
             print(f"  step, batch {b}, {t} threads: {out[f'batch_{b}_threads_{t}']} s", file=sys.stderr)
@@ -138,8 +139,8 @@ def accuracy(cache: str, quick: bool) -> dict:
     from testbed.experiments.run import run_inprocess
 
     short = ["rounds=1", "data.max_test=80", "train.local_steps=2", "model.threads=1"] if quick else ["eval_every=5"]
-    variants = {"instruction": [], "classification_head": ["task=classification", "data.prompt=''",
-                                                           "data.label_words=[]", "data.text_columns=[title, description]"]}
+    head = ["task=classification", "data.prompt=''", "data.label_words=[]", "data.text_columns=[title, description]"]
+    variants = {"instruction": [], "classification_head": head}
     out = {}
     for name, sets in variants.items():
         start = time.perf_counter()
@@ -164,7 +165,8 @@ def main() -> None:
     threads = [1] if args.quick else [1, 2]
     os.environ["BENCH_THREADS"] = str(max(threads))
     with tempfile.TemporaryDirectory() as cache:
-        result = {"bench": "llm", "quick": args.quick, "convert": {**in_child("convert", cache), **in_child("load", cache)}}
+        convert = {**in_child("convert", cache), **in_child("load", cache)}
+        result = {"bench": "llm", "quick": args.quick, "convert": convert}
         print(f"  {result['convert']}", file=sys.stderr)
         result["memory"] = [in_child("memory", cache, str(k)) for k in ((8, 30) if args.quick else (8, 15, 30))]
         for row in result["memory"]:
