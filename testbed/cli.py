@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from testbed import __version__
-from testbed.core.config import ExperimentConfig, load_config
+from testbed.core.config import TASKS, ExperimentConfig, load_config
 from testbed.core.errors import TestbedError
 from testbed.core.hub import check_model_name
 
@@ -91,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--ranks", default="2,8,16", help="LoRA ranks to time, comma-separated")
     prof.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda, cuda:N or mps")
     prof.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision")
+    prof.add_argument("--task", default="classification", choices=TASKS,
+                      help="the head a step runs: a classification head, or a causal LM's own "
+                           "(default: classification)")
     prof.add_argument("--out", help="write the profile here (.yaml or .json); default: print it")
     prof.set_defaults(func=cmd_profile)
     comp = sub.add_parser("compare", help="run a study (strategies x seeds x device mixes x splits), then report")
@@ -270,7 +273,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise TestbedError(f"--ranks: expected comma-separated integers, got {args.ranks!r}") from None
     lora = LoraConfig(rank=max(ranks), alpha=2.0 * max(ranks))
     placement = model_placement(args.device, args.precision, ("--device", "--precision"))
-    bb = load_backbone(ModelConfig(name=args.model, max_length=args.seq_len, lora=lora), 4, seed=0)
+    bb = load_backbone(ModelConfig(name=args.model, max_length=args.seq_len, lora=lora), 4, seed=0, task=args.task)
     bb.placement = placement
     place(bb.model, bb.head_params(), placement.device, torch.float32)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from testbed.model.tiny import save_tiny_bert  # noqa: E402
+from testbed.model.tiny import DECODERS, save_tiny_bert, save_tiny_decoder  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -16,6 +16,12 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders(tmp_path_factory) -> dict[str, str]:
+    """A 2-layer random causal LM of each decoder family (llama, qwen2, gpt2), by family."""
+    return {f: save_tiny_decoder(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in DECODERS}
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,28 @@ def test_inprocess_and_mpirun_agree_bitwise(tiny_bert, tmp_path, wire_dtype):
     assert [r["bytes_up"] for r in mpi] == [r["bytes_up"] for r in local]
 
 
+def test_causal_lm_over_mpirun_agrees_bitwise_with_in_process(tiny_decoders, tmp_path):
+    """A causal LM's agents hold their layers lazily (read from the causal-LM checkpoint), send
+    LoRA and no head, and score label words as the in-process run does."""
+    raw = tiny_config(tiny_decoders["llama"], rounds=2, task="causal_lm", devices={"laptop": 2, "jetson-tx2": 1},
+                      **{"data.prompt": "{text} topic :", "data.label_words": ["politics", "sports", "business",
+                                                                                "science"],
+                         "strategy.name": "droppeft", "model.max_length": 24})
+    proc = mpirun(write_config(tmp_path, raw), tmp_path / "mpi", agents=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.set_num_threads(1)
+    run_inprocess(from_dict(raw), tmp_path / "local", quiet=True)
+    a = torch.load(tmp_path / "mpi" / "checkpoint.pt")
+    b = torch.load(tmp_path / "local" / "checkpoint.pt")
+    assert b["head"] == {} and a["head"] == {}
+    for layer in b["lora"]:
+        for name in b["lora"][layer]:
+            assert torch.equal(a["lora"][layer][name], b["lora"][layer][name]), (layer, name)
+    mpi, local = read_rows(tmp_path / "mpi"), read_rows(tmp_path / "local")
+    for key in ("accuracy", "test_loss", "zero_shot_accuracy", "bytes_up"):
+        assert [r.get(key) for r in mpi] == [r.get(key) for r in local], key
+
+
 def test_sigkilled_agent_is_left_out_and_the_run_finishes(tiny_bert, tmp_path):
     raw = tiny_config(tiny_bert, rounds=4, devices={"laptop": 3}, **{"train.local_steps": 400, "dist.deadline_s": 120})
     config = write_config(tmp_path, raw)

@@ -102,8 +102,9 @@ class Agent:
         """This device's model (its layers and blocks, no dropout) on its own validation split."""
         if not plan.validate or not self.shard.val:
             return {"accuracy": 0.0, "loss": 0.0}
-        return evaluate(self.bb, lora, head, self.tokens, self.cfg.model.lora, self.cfg.train.eval_batch_size,
-                        self.shard.val, plan.resident(self.bb.num_layers), plan.blocks)
+        metrics = evaluate(self.bb, lora, head, self.tokens, self.cfg.model.lora, self.cfg.train.eval_batch_size,
+                           self.shard.val, plan.resident(self.bb.num_layers), plan.blocks)
+        return {**metrics, "accuracy": metrics["accuracy"] or 0.0}  # None: free-text responses, no accuracy
 
     def _personal_layers(self, plan: Plan) -> LoraState:
         """This device's own factors for its personal layers, started like the global ones."""

@@ -77,10 +77,11 @@ def train_plan(bb: Backbone, plan: Plan, lora: LoraState, head: HeadState, token
                 keep = sorted(keep[i] for i in torch.randperm(len(keep), generator=gen)[: plan.max_active].tolist())
             with running_layers(bb, keep, plan.blocks), counter, place.autocast():
                 loss = model(**place.inputs(tokens.take(batch))).loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            if loss.requires_grad:  # else nothing trainable ran: a causal LM (no head) with its LoRA layers skipped
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
             for l in keep:
                 active_steps[l] += 1
             losses.append(loss.item())

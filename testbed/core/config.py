@@ -22,6 +22,12 @@ from testbed.core.errors import TestbedError
 from testbed.core.options import STRATEGY_OPTIONS, StrategyConfig, option
 
 
+TASKS = ("classification", "causal_lm")
+CAUSAL_LM = "causal_lm"
+# The data keys that only a causal-LM task reads.
+CAUSAL_LM_KEYS = ("response_column", "label_words")
+
+
 @dataclass
 class LoraConfig:
     """The LoRA adapters.  `alpha / rank` is the scaling every device uses: a layer
@@ -38,7 +44,12 @@ class LoraConfig:
 class ModelConfig:
     """The pretrained model LoRA is added to, and how its inputs are cut."""
 
-    name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face id or a local path")
+    name: str = option("minilm", doc="'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled SmolLM2-135M-Instruct, "
+                                     "a 30-layer LLaMA; converted once into cache_dir), a Hugging Face id or a "
+                                     "local path")
+    cache_dir: str = option("", doc="where a bundled GGUF model (smollm2) is converted to, once; default: "
+                                    "$TESTBED_MODEL_CACHE, else testbed/models in the user's cache directory "
+                                    "($XDG_CACHE_HOME or ~/.cache)")
     max_length: int = option(64, lo=4, hi=8192, doc="tokens per example: longer texts are truncated, shorter padded")
     threads: int = option(0, lo=0, doc="torch threads per process; 0 = auto: the cores this process may use "
                                         "(affinity, cgroup CPU quota) that other processes leave free, at least 1; "
@@ -88,6 +99,19 @@ class DataConfig:
     labels: list[str] = option([], doc="the label values in id order (id 0 first); default: integer labels as "
                                        "they are, others sorted")
     label_offset: int = option(0, doc="subtracted from every integer label (1 for 1-based labels)")
+    prompt: str = option("", doc="each row's text as a template over the data's columns, each named in braces "
+                                 "(\"Classify the topic.\\n{title} {description}\\nTopic:\"; the synthetic data's "
+                                 "column is text); 'alpaca': the Alpaca instruction template over the columns "
+                                 "instruction and input (which may be empty); default: text_columns joined. With "
+                                 "task causal_lm, the prompt the response follows")
+    response_column: str = option("", doc="task causal_lm: the column holding each row's response (free text; "
+                                          "no accuracy is reported); default: the label word of the row's label, or "
+                                          "'output' where prompt is alpaca")
+    label_words: list[str] = option([], doc="task causal_lm: the response of each label, in id order (appended to "
+                                            "the prompt as written: mind a leading space); the closed set test "
+                                            "accuracy chooses from; default: the names of string labels")
+    chat: bool = option(True, doc="task causal_lm: the prompt is a user turn and the response the assistant's, in "
+                                  "the tokenizer's chat template (a tokenizer without one: plain text)")
     max_train: int = option(0, lo=0, doc="training rows used, a seeded sample; 0 = all rows")
     max_test: int = option(0, lo=0, doc="test rows used, a seeded sample; 0 = all rows")
     partition: str = option("iid", choices=("iid", "dirichlet"),
@@ -171,6 +195,11 @@ class ExperimentConfig:
     """The top level of an experiment file: the run's own keys, then one section per concern."""
 
     seed: int = option(0, doc="seeds data splits, sampling, initial LoRA and training")
+    task: str = option("classification", choices=TASKS,
+                       doc="classification: a fresh head on the model predicts each row's label; causal_lm: the "
+                           "model's own language-model head learns each row's response to its prompt (the loss on "
+                           "response tokens only); test loss and perplexity, and accuracy where responses are label "
+                           "words (the likeliest word is the answer)")
     rounds: int = option(5, lo=1, doc="federated rounds")
     eval_every: int = option(1, lo=1, doc="evaluate the global model every k rounds, and after the last")
     target_accuracy: float = option(0.8, lo=0, hi=1, doc="the test accuracy at which time_to_target_s and "
@@ -230,6 +259,10 @@ def from_dict(raw: dict, source: str = "<config>") -> ExperimentConfig:
     if not isinstance(name, str):
         raise TestbedError(f"{source}: strategy.name: expected str, got {name!r}")
     cfg.strategy = _build(_strategy_options(name, source), strategy, "strategy", source)
+    if cfg.task != CAUSAL_LM:
+        for key in CAUSAL_LM_KEYS:
+            if getattr(cfg.data, key):
+                raise TestbedError(f"{source}: data.{key}: applies to task causal_lm, not {cfg.task}")
     return cfg
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from testbed.core.config import ExperimentConfig, ModelConfig
+from testbed.core.config import CAUSAL_LM, ExperimentConfig, ModelConfig
 from testbed.core.devices import Device, devices_from_config
 from testbed.core.hub import check_model_name
-from testbed.data import Dataset, Shard, Splits, load_splits, partition, tokenize
+from testbed.data import (Dataset, Shard, Split, Splits, Tokens, load_splits,
+                          partition, tokenize, tokenize_instructions)
 from testbed.measure.activations import measure_activations
 from testbed.measure.cores import cpu_load
 from testbed.measure.profiler import (DeviceProfile, analytic_profile,
@@ -57,6 +58,23 @@ def set_threads(cfg: ModelConfig) -> None:
                   "on a quiet machine", file=sys.stderr)
 
 
+def uses_chat(cfg: ExperimentConfig, tokenizer, quiet: bool) -> bool:
+    """Whether causal-LM prompts go through the tokenizer's chat template (`data.chat`, if it has one)."""
+    if cfg.task != CAUSAL_LM or not cfg.data.chat:
+        return False
+    if getattr(tokenizer, "chat_template", None):
+        return True
+    if not quiet:
+        print(f"testbed: {cfg.model.name} has no chat template: prompts are plain text (data.chat)", file=sys.stderr)
+    return False
+
+
+def tokens(cfg: ExperimentConfig, tokenizer, split: Split, chat: bool, options: list[str] | None) -> Tokens:
+    if cfg.task == CAUSAL_LM:
+        return tokenize_instructions(tokenizer, split, cfg.model.max_length, chat, options)
+    return tokenize(tokenizer, split, cfg.model.max_length)
+
+
 @dataclass
 class Inputs:
     """What a run is checked against before its model loads."""
@@ -72,7 +90,7 @@ def check_inputs(cfg: ExperimentConfig) -> Inputs:
     the model can be found."""
     devices = {d.name: d for d in devices_from_config(cfg.devices)}
     STRATEGIES[cfg.strategy.name].check_options(cfg.strategy)
-    splits = load_splits(cfg.data, cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed, cfg.task)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)
     check_model_name(cfg.model.name)
     model_placement(cfg.model.device, cfg.train.precision)  # a device or precision this machine lacks
@@ -87,11 +105,12 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     devices, splits = inputs.devices, inputs.splits
     if splits.label_names and not agent:
         print("testbed: labels " + ", ".join(f"{n}={i}" for i, n in enumerate(splits.label_names)), file=sys.stderr)
-    bb = load_backbone(cfg.model, splits.num_labels, cfg.seed, resident=not agent)
+    bb = load_backbone(cfg.model, splits.num_labels, cfg.seed, resident=not agent, task=cfg.task)
     bb.placement = model_placement(cfg.model.device, cfg.train.precision)
     place(bb.model, bb.head_params(), bb.placement.device, DTYPES[cfg.model.dtype])
-    data = Dataset(tokenize(bb.tokenizer, splits.train, cfg.model.max_length),
-                   tokenize(bb.tokenizer, splits.test, cfg.model.max_length),
+    chat = uses_chat(cfg, bb.tokenizer, quiet=agent)
+    data = Dataset(tokens(cfg, bb.tokenizer, splits.train, chat, splits.options),
+                   tokens(cfg, bb.tokenizer, splits.test, chat, splits.options),
                    splits.num_labels, inputs.shards, cfg.data.source == "synthetic", splits.label_names)
     info = model_info(bb)
     if agent:

@@ -25,7 +25,7 @@ def measure_activations(bb, lora_cfg, seq_len: int, batch: int = 2) -> Activatio
 
     ids = torch.full((batch, seq_len), bb.model.config.pad_token_id or 0, dtype=torch.long)
     ids[:, : seq_len // 2] = 1000 % bb.model.config.vocab_size
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(batch, dtype=torch.long)}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": bb.stand_in_labels(ids)}
     n, saved = bb.num_layers, []
     every = list(range(n))
     runs = [(every, None), ([n - 1], None)] + ([(every, dict.fromkeys(every, "attn"))] if bb.blocks else [])

@@ -174,11 +174,11 @@ def oom_kills() -> int:
 @dataclass
 class MemoryMeasure:
     """What an agent measured of its memory when it joined (MiB; host RAM, or a discrete GPU's
-    memory where its model is on one), and the training budget that follows: the counted footprint (what the CostModel predicts) that keeps its real peak RSS
-    inside its limit.  Real RSS exceeds the count by the interpreter and libraries (in `base`)
-    and by allocator slack and backward's temporaries, which grow with the count; `peak` and
-    `counted` of one profiled step give that growth (one point, so it is overstated for small
-    plans: the safe side)."""
+    memory where its model is on one), and the training budget that follows: the counted
+    footprint (what the CostModel predicts) that keeps its real peak RSS inside its limit.  Real
+    RSS exceeds the count by the interpreter and libraries (in `base`) and by allocator slack and
+    backward's temporaries, which grow with the count; `peak` and `counted` of one profiled step
+    give that growth (one point, so it is overstated for small plans: the safe side)."""
 
     limit_mb: float  # the least of the process's cgroup limits and the machine's RAM
     base_mb: float  # RSS with the model loaded but no transformer layer resident
@@ -206,7 +206,8 @@ def join_memory(device: torch.device) -> MemoryMeasure:
     Jetson's GPU shares)."""
     if discrete_gpu(device):
         free, _ = torch.cuda.mem_get_info(device)
-        return MemoryMeasure((free + torch.cuda.memory_reserved(device)) / MIB, torch.cuda.memory_allocated(device) / MIB)
+        return MemoryMeasure((free + torch.cuda.memory_reserved(device)) / MIB,
+                             torch.cuda.memory_allocated(device) / MIB)
     return MemoryMeasure(memory_limit_mb(), rss_mb())
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from testbed.core.config import LoraConfig
+from testbed.core.config import CAUSAL_LM, LoraConfig
 from testbed.core.errors import TestbedError
 from testbed.measure.memory import SavedTensorCounter
 from testbed.model.backbone import Backbone
@@ -121,9 +121,9 @@ def profile_device(bb: Backbone, name: str, info: ModelInfo, lora_cfg: LoraConfi
     n = bb.num_layers
     g = torch.Generator().manual_seed(0)
     vocab = bb.model.config.vocab_size
-    batch = bb.placement.inputs({"input_ids": torch.randint(1000 % vocab, vocab, (batch_size, seq_len), generator=g),
-                                 "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-                                 "labels": torch.zeros(batch_size, dtype=torch.long)})
+    ids = torch.randint(1000 % vocab, vocab, (batch_size, seq_len), generator=g)
+    batch = bb.placement.inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                 "labels": bb.stand_in_labels(ids)})
     frozen = _median(_timed_steps(bb, {}, lora_cfg, batch, repeats, backward=False))
     fwd, bwd, saved = {}, {}, []
     for r in ranks:
@@ -207,15 +207,20 @@ def _median(runs: list[dict]) -> dict:
 
 def analytic_profile(info: ModelInfo, name: str, seq_len: int, gflops: float) -> DeviceProfile:
     """A profile from FLOP counts, for models nobody has profiled: forward about 2 x parameters
-    plus attention per token, backward about as much again, at `gflops` of throughput."""
+    plus attention per token, backward about as much again, at `gflops` of throughput.  The
+    parameters outside the layers count as the head's: once per row for a classifier, on every
+    token for a causal LM (its head spans the vocabulary, as its embeddings do)."""
     hidden = max(i for _, i in info.shapes.values())
     tokens = 16 * seq_len
     layer = tokens * (2 * info.layer_params + 4 * seq_len * hidden) / (gflops * 1e9)
     per_rank = sum(o + i for o, i in info.shapes.values()) * 4
     n = info.num_layers
+    head_flops = 2 * tokens * info.other_params
+    if info.task != CAUSAL_LM:
+        head_flops /= seq_len
     return DeviceProfile(model=name, fingerprint=fingerprint(info), num_layers=n, batch_size=16, seq_len=seq_len,
                          threads=0, forward_frozen_s=[layer] * n, forward_lora_s={8: [layer] * n},
-                         backward_s={8: [layer] * n}, embed_s=0.0, head_s=2 * tokens * info.other_params
-                         / seq_len / (gflops * 1e9), saved_bytes_per_token=[0.0] * n,
+                         backward_s={8: [layer] * n}, embed_s=0.0, head_s=head_flops / (gflops * 1e9),
+                         saved_bytes_per_token=[0.0] * n,
                          resident_bytes=[info.layer_params * 4] * n, other_bytes=info.other_params * 4,
                          lora_bytes_per_rank=per_rank, optimizer_bytes_per_rank=2 * per_rank, source="analytic")

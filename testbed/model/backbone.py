@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from testbed.core.config import CAUSAL_LM
 from testbed.core.errors import TestbedError
 from testbed.model.families import BLOCKS
 from testbed.model.placement import Placement
@@ -15,7 +16,8 @@ from testbed.model.placement import Placement
 
 @dataclass
 class Backbone:
-    """A loaded sequence-classification model and what we know about its layout."""
+    """A loaded model (with a classification head, or a causal LM's own head) and what we know
+    about its layout."""
 
     model: nn.Module
     tokenizer: object
@@ -25,6 +27,7 @@ class Backbone:
     scaling: float  # alpha / rank, common to every device
     store: "LayerStore | None" = None  # where non-resident layers are read from (None: all resident)
     placement: Placement = field(default_factory=Placement)  # its device and precision
+    task: str = "classification"  # or "causal_lm" (see testbed.core.config.TASKS)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -40,8 +43,16 @@ class Backbone:
         child = module.split(".")[0]
         return next((b for b, children in self.blocks.items() if child in children), None)
 
+    def stand_in_labels(self, ids: torch.Tensor) -> torch.Tensor:
+        """Labels for a step on made-up `ids` (measuring, profiling): class 0 for every row, or
+        for a causal LM the ids themselves (every token a target)."""
+        return ids.clone() if self.task == CAUSAL_LM else torch.zeros(len(ids), dtype=torch.long)
+
     def head_params(self) -> dict[str, nn.Parameter]:
-        """The classifier head: every parameter outside the backbone."""
+        """The classifier head: every parameter outside the backbone.  A causal LM has none: its
+        language-model head is pretrained (and often the embeddings, tied) and stays frozen."""
+        if self.task == CAUSAL_LM:
+            return {}
         prefix = self.model.base_model_prefix + "."
         return {n: p for n, p in self.model.named_parameters()
                 if not n.startswith(prefix) and "lora_" not in n}

@@ -24,15 +24,17 @@ _BERT_BLOCKS = {"attn": {"attention": "attention"}, "ffn": {"intermediate": "ide
 _LLAMA_BLOCKS = {"attn": {"input_layernorm": "identity", "self_attn": "zero_attention"},
                  "ffn": {"post_attention_layernorm": "identity", "mlp": "zero"}}
 
+_GPT2_BLOCKS = {"attn": {"ln_1": "identity", "attn": "zero_attention"}, "ffn": {"ln_2": "identity", "mlp": "zero"}}
+
 BLOCKS = {"bert": _BERT_BLOCKS, "roberta": _BERT_BLOCKS,
-          "llama": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS}
+          "llama": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "gpt2": _GPT2_BLOCKS}
 
 class _Skip(nn.Module):
     """Stands in for a skipped block's child module; the residual stream passes unchanged.
 
     BERT: the attention block's output *is* the stream (``attention``: return the input), and
     its FFN ends in LayerNorm(dense(h) + input) (``identity`` for the intermediate, ``residual``:
-    return the input for the output).  LLaMA: blocks add to the residual (``zero``).
+    return the input for the output).  LLaMA and GPT-2: blocks add to the residual (``zero``).
     """
 
     def __init__(self, kind: str):

@@ -19,6 +19,7 @@ class ModelInfo:
     other_params: int  # embeddings, final norms and head
     block_params: dict[str, int] = dataclasses.field(default_factory=dict)  # "attn"/"ffn" of one layer; {}: unknown
     module_blocks: dict[str, str | None] = dataclasses.field(default_factory=dict)  # LoRA module -> its block
+    task: str = "classification"  # or "causal_lm": the head then runs on every token
 
 def model_info(bb: Backbone) -> ModelInfo:
     shapes = {}
@@ -30,4 +31,4 @@ def model_info(bb: Backbone) -> ModelInfo:
     blocks = {b: sum(p.numel() for c in children for p in bb.layers[0].get_submodule(c).parameters())
               for b, children in bb.blocks.items()}
     return ModelInfo(bb.num_layers, bb.modules, shapes, bb.scaling, layer_params,
-                     total - layer_params * bb.num_layers, blocks, {m: bb.block_of(m) for m in shapes})
+                     total - layer_params * bb.num_layers, blocks, {m: bb.block_of(m) for m in shapes}, bb.task)

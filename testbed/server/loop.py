@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from testbed.comm.transport import Transport
-from testbed.core.config import to_dict
+from testbed.core.config import CAUSAL_LM, to_dict
 from testbed.core.plan import Job, LayerProbe, Plan, Update
 from testbed.core.state import GlobalState
 from testbed.measure.evaluate import evaluate
@@ -117,7 +117,7 @@ class RoundLoop:
         updates = admit(r, plans, result, self.exp.info, self.state.head, self.shard_sizes)
         self.state = self.strategy.aggregate(r, updates, result.failures, self.state)
         evaluated = time.perf_counter()
-        metrics = self.evaluate(r)
+        metrics = self.evaluate(r) | (self.zero_shot() if r == 0 else {})
         eval_wall = time.perf_counter() - evaluated
         self.strategy.observe(r, {u.device: u.report for u in updates}, metrics)
         if self.cfg.clock == "wall":
@@ -148,3 +148,12 @@ class RoundLoop:
             return {}
         return evaluate(self.exp.bb, self.state.lora, self.state.head, self.exp.data.test, self.cfg.model.lora,
                         self.cfg.train.eval_batch_size)
+
+    def zero_shot(self) -> dict:
+        """Task causal_lm: the untuned model on the test set (no LoRA), which round 0's row reports
+        beside the tuned one's figures: the baseline fine-tuning has to beat."""
+        if self.cfg.task != CAUSAL_LM:
+            return {}
+        m = evaluate(self.exp.bb, {}, self.state.head, self.exp.data.test, self.cfg.model.lora,
+                     self.cfg.train.eval_batch_size)
+        return {"zero_shot_accuracy": m["accuracy"], "zero_shot_loss": m["loss"]}

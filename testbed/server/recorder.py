@@ -62,6 +62,10 @@ class RoundTimes:
     round_s: float  # this round's length on the run's clock
 
 
+# Task causal_lm's figures, in a row where evaluated (round 0's row: the untuned model's too).
+LANGUAGE_MODEL_METRICS = ("perplexity", "zero_shot_accuracy", "zero_shot_loss")
+
+
 class RunRecorder:
     """Writes a run's files as its rounds end, and keeps their record."""
 
@@ -100,6 +104,7 @@ class RunRecorder:
         row = {"round": r, "clock": self.exp.cfg.clock, "clock_s": times.clock_s, "wall_s": times.wall_s,
                "train_wall_s": times.train_wall_s, "eval_wall_s": times.eval_wall_s,
                "accuracy": metrics.get("accuracy"), "test_loss": metrics.get("loss"),
+               **{k: metrics[k] for k in LANGUAGE_MODEL_METRICS if k in metrics},
                "loss": sum(u.loss * u.samples for u in updates) / max(sum(u.samples for u in updates), 1),
                "bytes_up": sum(u.report.bytes_up for u in updates),
                "bytes_down": sum(u.report.bytes_down for u in updates),
@@ -196,7 +201,16 @@ def summarise(record: Record, cfg: ExperimentConfig) -> dict:
         "measured_energy_j": sum(measured) if measured else None,
         "devices": {name: t.as_dict() for name, t in record.totals.items()},
         "failures": record.failures,
+        **language_model_summary(rows),
     }
+
+
+def language_model_summary(rows: list[dict]) -> dict:
+    """Task causal_lm: the untuned model's accuracy and the last perplexity ({} for classification)."""
+    if not rows or "zero_shot_loss" not in rows[0]:
+        return {}
+    return {"zero_shot_accuracy": rows[0]["zero_shot_accuracy"],
+            "final_perplexity": next((r["perplexity"] for r in reversed(rows) if "perplexity" in r), None)}
 
 
 def data_label(cfg: ExperimentConfig) -> str:
