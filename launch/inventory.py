@@ -6,9 +6,9 @@ Three forms are read: YAML (`all:` / `children:` / `hosts:` / `vars:`), INI (`[g
 `jetson[01:04]` or `node[a:c]` (with an optional stride, `[0:10:2]`).  Variables merge as
 ansible merges them: `all`, then groups from the shallowest to the deepest (siblings by name),
 then the host's own.  A host's connection comes from the `ansible_*` variables; the testbed
-reads `testbed_profile` (a device class), `testbed_memory_mb`, `testbed_role` (`agent` or
-`aggregator`), `testbed_workdir`, `testbed_known_hosts` and `testbed_device` (the host's
-`model.device`).  Of ansible's templating, the magic
+reads `testbed_profile` (a device class, or a profile file `testbed profile` wrote on the
+host), `testbed_memory_mb`, `testbed_role` (`agent` or `aggregator`), `testbed_workdir`,
+`testbed_known_hosts` and `testbed_device` (the host's `model.device`).  Of ansible's templating, the magic
 variables `{{ inventory_dir }}`, `{{ inventory_file }}` (absolute) and `{{ inventory_hostname }}`
 are replaced in string values, so that an inventory can name files beside itself.
 """
@@ -28,6 +28,7 @@ from testbed.core.errors import TestbedError
 from testbed.model.placement import DEVICE
 
 ROLES = ("agent", "aggregator")
+PROFILE_FILES = (".yaml", ".yml", ".json")  # a testbed_profile ending so names a file `testbed profile` wrote
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Host:
     key_file: str = ""  # ansible_ssh_private_key_file
     python: str = "python3"  # ansible_python_interpreter
     profile: str = ""  # testbed_profile: a device class; empty: measured only
+    profile_file: str = ""  # testbed_profile naming a profile file measured on the host (its class: reference)
     memory_mb: float = 0.0  # testbed_memory_mb: the training budget; 0 = the class default
     role: str = "agent"
     workdir: str = "testbed-runs"  # testbed_workdir, relative to the login directory unless absolute
@@ -280,15 +282,21 @@ def _host(name: str, v: dict, groups: list[str], where: str) -> Host:
     role = str(v.get("testbed_role", "agent"))
     if role not in ROLES:
         raise TestbedError(f"{at}: testbed_role {role!r} is not one of {', '.join(ROLES)}")
-    profile = str(v.get("testbed_profile", ""))
-    if profile and profile not in CLASSES:
-        raise TestbedError(f"{at}: testbed_profile {profile!r} is not a device class (known: {', '.join(CLASSES)})")
+    profile, profile_file = str(v.get("testbed_profile", "")), ""
+    if profile.endswith(PROFILE_FILES):
+        if not Path(profile).is_file():
+            raise TestbedError(f"{at}: testbed_profile {profile} not found")
+        profile, profile_file = "", str(Path(profile).resolve())
+    elif profile and profile not in CLASSES:
+        raise TestbedError(f"{at}: testbed_profile {profile!r} is neither a device class (known: {', '.join(CLASSES)}) "
+                           f"nor a profile file ({', '.join(PROFILE_FILES)})")
     device = str(v.get("testbed_device", ""))
     if device and not DEVICE.fullmatch(device):
         raise TestbedError(f"{at}: testbed_device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     return Host(name=name, address=str(v.get("ansible_host", name)), port=port, user=str(v.get("ansible_user", "")),
                 key_file=str(v.get("ansible_ssh_private_key_file", "")),
-                python=str(v.get("ansible_python_interpreter", "python3")), profile=profile, memory_mb=memory,
+                python=str(v.get("ansible_python_interpreter", "python3")), profile=profile,
+                profile_file=profile_file, memory_mb=memory,
                 role=role, workdir=str(v.get("testbed_workdir", "testbed-runs")),
                 known_hosts=str(v.get("testbed_known_hosts", "")), device=device, groups=groups, vars=dict(v))
 

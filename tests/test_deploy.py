@@ -148,6 +148,12 @@ def test_the_files_a_config_names_are_found_and_rewritten(tiny_bert, tmp_path):
     assert named_files(hub)["data.hub_name"] == tmp_path / "suite"
     hub["data"]["hub_name"] = "glue"
     assert "data.hub_name" not in named_files(hub)
+    (tmp_path / "tx2.yaml").write_text("a profile\n")  # a host's own profile travels, whatever its name's dots
+    host = Host("tx2.lab", "h", profile_file=str(tmp_path / "tx2.yaml"))
+    measured = run_config(from_dict(tiny_config(tiny_bert)), [host])
+    assert named_files(measured)["devices.tx2.lab.profile"] == tmp_path / "tx2.yaml"
+    moved = with_paths(measured, {"devices.tx2.lab.profile": "/remote/p"})
+    assert moved["devices"]["tx2.lab"]["profile"] == "/remote/p"
 
 
 def test_a_smollm2_host_needs_its_gguf_package_installed_without_dependencies():

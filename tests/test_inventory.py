@@ -77,6 +77,19 @@ def test_a_host_may_name_its_own_device(tmp_path):
     assert hosts["orin1"].device == "cuda:0" and hosts["tx2"].device == "cpu" and hosts["other"].device == ""
 
 
+def test_a_host_may_be_described_by_a_profile_measured_on_it(tmp_path):
+    (tmp_path / "tx2.yaml").write_text("a profile\n")  # read when the run sets up, where the model is known
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("all:\n  hosts:\n    tx2.lab: {testbed_profile: '{{ inventory_dir }}/tx2.yaml'}\n"
+                   "    nano: {testbed_profile: orin-nano}\n")
+    hosts = {h.name: h for h in load_inventory(inv)}
+    assert (hosts["tx2.lab"].profile, hosts["tx2.lab"].profile_file) == ("", str(tmp_path / "tx2.yaml"))
+    assert (hosts["nano"].profile, hosts["nano"].profile_file) == ("orin-nano", "")
+    inv.write_text("all:\n  hosts:\n    tx2: {testbed_profile: '{{ inventory_dir }}/missing.yaml'}\n")
+    with pytest.raises(TestbedError, match="host tx2: testbed_profile .*missing.yaml not found"):
+        load_inventory(inv)
+
+
 @pytest.mark.parametrize("suffix, text, words", [
     (".yaml", "all:\n  hosts:\n    j1: {testbed_profile: jetson-nano-9000}\n", "host j1: testbed_profile"),
     (".yaml", "all:\n  hosts:\n    j1: {testbed_role: boss}\n", "host j1: testbed_role"),

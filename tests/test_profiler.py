@@ -52,6 +52,33 @@ def test_bad_profiles_name_the_file(profiled, tmp_path):
         assert str(path) in str(err.value)
 
 
+def test_a_device_described_by_its_own_profile_takes_its_speed_and_link(tiny_bert, tmp_path):
+    """A device whose profile took twice the reference's seconds runs at half its speed."""
+    import dataclasses
+
+    from testbed.core.config import from_dict
+    from testbed.core.devices import devices_from_config
+    from testbed.experiments.setup import setup
+    from testbed.model.tiny import tiny_config
+
+    reference = setup(from_dict(tiny_config(tiny_bert))).cost.profile
+    slower = dataclasses.replace(
+        reference, source="measured", embed_s=2 * reference.embed_s, head_s=2 * reference.head_s,
+        forward_frozen_s=[2 * t for t in reference.forward_frozen_s],
+        forward_lora_s={r: [2 * t for t in ts] for r, ts in reference.forward_lora_s.items()},
+        backward_s={r: [2 * t for t in ts] for r, ts in reference.backward_s.items()},
+        bandwidth_mbit=12.5, latency_ms=3.0)
+    slower.save(tmp_path / "board.yaml")
+    exp = setup(from_dict(tiny_config(tiny_bert, devices={"board": {"device_class": "jetson-tx2",
+                                                                     "profile": str(tmp_path / "board.yaml")}})))
+    board = exp.devices["board"]
+    assert board.speed == pytest.approx(0.5) and (board.bandwidth_mbit, board.latency_ms) == (12.5, 3.0)
+    both = from_dict(tiny_config(tiny_bert, devices={"board": {"device_class": "laptop", "speed": 2.0,
+                                                                "profile": str(tmp_path / "board.yaml")}}))
+    with pytest.raises(TestbedError, match="devices.board: speed and profile both set"):
+        devices_from_config(both.devices)
+
+
 def test_rank_interpolation():
     by_rank = {2: [1.0], 8: [4.0]}
     assert [at_rank(by_rank, r, 0) for r in (1, 2, 4, 8, 16)] == [1.0, 1.0, 2.0, 4.0, 4.0]

@@ -25,8 +25,8 @@ def run_config(cfg: ExperimentConfig, agents: list[Host]) -> dict:
     """The resolved config every rank runs: one device per agent host, named after it, in
     inventory order (device i is served by rank i + 1)."""
     raw = to_dict(cfg)
-    raw["devices"] = {h.name: {"count": 1, "device_class": h.profile or "reference", "memory_mb": h.memory_mb}
-                      for h in agents}
+    raw["devices"] = {h.name: {"count": 1, "device_class": h.profile or "reference", "memory_mb": h.memory_mb,
+                               "profile": h.profile_file} for h in agents}
     return raw
 
 
@@ -37,6 +37,9 @@ def named_files(raw: dict) -> dict[str, Path]:
     name = raw["model"]["name"]
     if name not in BUNDLED and Path(name).exists():
         found["model.name"] = Path(name).resolve()
+    for host, spec in raw["devices"].items():  # profiles measured on the hosts, which rank 0 plans with
+        if spec.get("profile"):
+            found[f"devices.{host}.profile"] = Path(spec["profile"]).resolve()
     hub = raw["data"].get("hub_name")
     if raw["data"]["source"] == "hub" and hub and Path(hub).is_dir():  # a dataset saved locally, not a hub id
         found["data.hub_name"] = Path(hub).resolve()
@@ -46,9 +49,15 @@ def named_files(raw: dict) -> dict[str, Path]:
     return found
 
 
+def key_path(key: str) -> list[str]:
+    """A dotted key's parts: `devices.HOST.profile` keeps a host name's own dots."""
+    first, rest = key.split(".", 1)
+    return [first, *rest.rsplit(".", 1)]
+
+
 def get_key(raw: dict, key: str) -> Any:
     node = raw
-    for part in key.split("."):
+    for part in key_path(key):
         node = node[part]
     return node
 
@@ -56,7 +65,7 @@ def get_key(raw: dict, key: str) -> Any:
 def with_paths(raw: dict, paths: dict[str, str]) -> dict:
     out = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy of plain data
     for key, value in paths.items():
-        *parents, last = key.split(".")
+        *parents, last = key_path(key)
         node = out
         for p in parents:
             node = node[p]

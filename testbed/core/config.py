@@ -165,6 +165,8 @@ class DeviceSpec:
     memory_mb: float = option(0.0, lo=0, doc="training memory budget in MiB; 0 = the class default")
     speed: float = option(0.0, lo=0, doc="compute speed relative to the reference; 0 = the class default")
     device_class: str = option("", doc="set: the key names one device (a host), of this class")
+    profile: str = option("", doc="a DeviceProfile measured on this device (`testbed profile`): its speed, "
+                                  "relative to the run's reference profile, and its link replace the class's")
 
 
 @dataclass

@@ -16,6 +16,7 @@ measure their link when they join.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from testbed.core.config import DeviceSpec, did_you_mean
 from testbed.core.errors import TestbedError
@@ -75,6 +76,7 @@ class Device:
     memory_mb: float
     bandwidth_mbit: float
     latency_ms: float
+    profile: str = ""  # a profile measured on it, which set-up reads its speed and link from
 
 
 def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices") -> list[Device]:
@@ -88,11 +90,15 @@ def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices") -> 
                                f"(known: {', '.join(CLASSES)})")
         if spec.device_class and spec.count != 1:
             raise TestbedError(f"{source}.{key}: a device named by its key (device_class set) has count 1")
+        if spec.speed and spec.profile:
+            raise TestbedError(f"{source}.{key}: speed and profile both set; a profile gives the speed")
+        if spec.profile and not Path(spec.profile).is_file():
+            raise TestbedError(f"{source}.{key}.profile: {spec.profile} not found")
         c = CLASSES[cls_name]
         names = [key] if spec.device_class else [f"{key}-{i}" for i in range(spec.count)]
         for name in names:
             out.append(Device(name, cls_name, spec.speed or c.speed, spec.memory_mb or c.memory_mb,
-                              c.bandwidth_mbit, c.latency_ms))
+                              c.bandwidth_mbit, c.latency_ms, spec.profile))
     if not out:
         raise TestbedError(f"{source}: no devices")
     names = [d.name for d in out]

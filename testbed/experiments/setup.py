@@ -37,6 +37,17 @@ def reference_profile(cfg: ModelConfig, info: ModelInfo) -> DeviceProfile:
     return analytic_profile(info, cfg.name, cfg.max_length, REFERENCE_GFLOPS)
 
 
+def measured_devices(devices: dict[str, Device], reference: DeviceProfile, info: ModelInfo) -> None:
+    """Devices described by a profile measured on them (`profile`): their speed relative to the
+    reference profile, and their link where the profile measured one."""
+    for d in devices.values():
+        if d.profile:
+            measured = load_profile(Path(d.profile), info)  # refused if measured on another model
+            d.speed = reference.seconds_per_token() / measured.seconds_per_token()
+            if measured.bandwidth_mbit:
+                d.bandwidth_mbit, d.latency_ms = measured.bandwidth_mbit, measured.latency_ms
+
+
 def set_threads(cfg: ModelConfig) -> None:
     """torch's threads: `model.threads`, or with 0 the cores other processes leave free.  One line
     on stderr when the CPU is oversubscribed, save with an explicit 1 (nothing left to lower)."""
@@ -118,6 +129,7 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     activations = measure_activations(bb, cfg.model.lora, cfg.model.max_length)
     head_shapes = {n: tuple(p.shape) for n, p in bb.head_params().items()}
     profile = reference_profile(cfg.model, info)
+    measured_devices(devices, profile, info)
     cost = CostModel(info, cfg.model.max_length, activations, head_shapes, profile, getattr(torch, cfg.wire.dtype),
                      DTYPES[cfg.model.dtype])
     return Experiment(cfg, bb, info, data, devices, cost)
