@@ -1,4 +1,4 @@
-"""Decoder backbones (tiny random LLaMA, Qwen2 and GPT-2 causal-LM checkpoints) with a
+"""Decoder backbones (tiny random LLaMA, Qwen2, GPT-2, Mistral and Phi causal-LM checkpoints) with a
 classification head: layers, blocks, padding and pooling, residency, and every strategy's round."""
 import json
 
@@ -14,9 +14,11 @@ from testbed.model.residency import hold
 from testbed.model.tiny import DECODERS, tiny_config
 from testbed.server.strategies import STRATEGIES
 
-LAYERS_PATH = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h"}
+LAYERS_PATH = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h", "mistral": "model.layers",
+               "phi": "model.layers"}
 OUTPUT_PROJ = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
-               "gpt2": ("attn.c_proj", "mlp.c_proj")}
+               "gpt2": ("attn.c_proj", "mlp.c_proj"), "mistral": ("self_attn.o_proj", "mlp.down_proj"),
+               "phi": ("self_attn.dense", "mlp.fc2")}
 
 
 @pytest.mark.parametrize("family", DECODERS)
@@ -89,7 +91,7 @@ def test_every_strategy_runs_a_round_on_a_decoder(tiny_decoders, tmp_path, name)
     assert 0 <= row["accuracy"] <= 1 and row["bytes_up"] > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "mistral", "phi"])
 def test_fine_grained_pruning_runs_on_each_decoder_family(tiny_decoders, tmp_path, family):
     cfg = from_dict(tiny_config(tiny_decoders[family], rounds=1, **{"strategy.name": "fedpruner_fine"}))
     assert not run_inprocess(cfg, tmp_path, quiet=True)["failures"]

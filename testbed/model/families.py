@@ -26,8 +26,12 @@ _LLAMA_BLOCKS = {"attn": {"input_layernorm": "identity", "self_attn": "zero_atte
 
 _GPT2_BLOCKS = {"attn": {"ln_1": "identity", "attn": "zero_attention"}, "ffn": {"ln_2": "identity", "mlp": "zero"}}
 
-BLOCKS = {"bert": _BERT_BLOCKS, "roberta": _BERT_BLOCKS,
-          "llama": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "gpt2": _GPT2_BLOCKS}
+# Phi runs attention and MLP side by side on one normalised input, both added to the stream:
+# the shared input_layernorm stays whichever block is skipped.
+_PHI_BLOCKS = {"attn": {"self_attn": "zero_attention"}, "ffn": {"mlp": "zero"}}
+
+BLOCKS = {"bert": _BERT_BLOCKS, "roberta": _BERT_BLOCKS, "llama": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS,
+          "mistral": _LLAMA_BLOCKS, "gpt2": _GPT2_BLOCKS, "phi": _PHI_BLOCKS}
 
 class _Skip(nn.Module):
     """Stands in for a skipped block's child module; the residual stream passes unchanged.

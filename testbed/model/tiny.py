@@ -26,7 +26,7 @@ def save_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2
     return str(path)
 
 
-DECODERS = ("llama", "qwen2", "gpt2")  # the families save_tiny_decoder makes
+DECODERS = ("llama", "qwen2", "gpt2", "mistral", "phi")  # the families save_tiny_decoder makes
 
 # A chat template in the usual shape (a turn marker, the role, the content, the end of turn),
 # written with special tokens of MiniLM's vocabulary so that each marker is one token.
@@ -52,19 +52,19 @@ def decoder_tokenizer():
 
 def save_tiny_decoder(path: Path, family: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 2,
                       intermediate: int = 64, positions: int = 128) -> str:
-    """A random causal LM of a decoder family (llama, qwen2, gpt2), by default 2 layers of hidden
+    """A random causal LM of a decoder family (DECODERS), by default 2 layers of hidden
     32, saved at `path` as its family's causal-LM checkpoint with `decoder_tokenizer`; returns it
     as a model name for the config.  (transformers loads a qwen2 model's tokenizer as its own
     class, which splits this vocabulary's words into letters: longer sequences, same machinery.)"""
     from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig,
-                              Qwen2Config)
+                              MistralConfig, PhiConfig, Qwen2Config)
 
     tok = decoder_tokenizer()
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if family == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate, n_positions=positions, **ids)
-    elif family in ("llama", "qwen2"):
-        config_class = LlamaConfig if family == "llama" else Qwen2Config
+    elif family in ("llama", "qwen2", "mistral", "phi"):
+        config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi": PhiConfig}[family]
         cfg = config_class(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                            num_key_value_heads=heads, intermediate_size=intermediate,
                            max_position_embeddings=positions, tie_word_embeddings=True, **ids)
