@@ -145,7 +145,8 @@ def accuracy(cache: str, quick: bool) -> dict:
     for name, sets in variants.items():
         start = time.perf_counter()
         cfg = load_config(EXAMPLE, example(cache, short + sets))
-        s = run_inprocess(cfg, ROOT / "bench" / "results" / f"llm{'-quick' if quick else ''}" / name, quiet=True)
+        out_dir = ROOT / "bench" / "results" / f"llm{'-quick' if quick else ''}" / name
+        s = run_inprocess(cfg, out_dir, quiet=True, force=True)  # replaces the last results
         out[name] = {"rounds": s["rounds"], "best_accuracy": s["best_accuracy"], "final_accuracy": s["final_accuracy"],
                      "zero_shot_accuracy": s.get("zero_shot_accuracy"), "wall_s": round(time.perf_counter() - start, 1)}
         print(f"  {name}: {out[name]}", file=sys.stderr)
