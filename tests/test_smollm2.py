@@ -51,6 +51,12 @@ def test_smollm2_converts_into_its_cache_runs_a_round_and_scores(tmp_path):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert not summary["failures"] and 0 <= row["zero_shot_accuracy"] <= 1 and 0 <= row["accuracy"] <= 1
     assert row["perplexity"] > 1
+    from testbed.experiments.setup import reference_profile
+    from testbed.model.info import model_info
+    from testbed.model.load import load_backbone
+
+    info = model_info(load_backbone(cfg.model, 4, seed=0, task="causal_lm"))
+    assert reference_profile(cfg.model, info).source == "measured"  # the shipped profile fits the bundled model
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
