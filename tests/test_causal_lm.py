@@ -84,6 +84,21 @@ def test_responses_from_labels_a_column_or_the_alpaca_template(tmp_path):
     assert splits.train.responses == [WORDS[y] for y in splits.train.labels]
 
 
+def test_multiple_choice_rows_carry_their_own_options_in_the_prompt_and_answer_by_letter(tmp_path, tok):
+    """Each question's options are columns the prompt shows; accuracy chooses among the letters."""
+    path = tmp_path / "quiz.csv"
+    rows = "Which is a colour?,blue,seven,run,under,A\nWhich is a number?,red,seven,walk,over,B\n"
+    path.write_text("question,A,B,C,D,answer\n" + rows * 3)
+    cfg = DataConfig(source="files", train_file=str(path), test_file=str(path), label_column="answer",
+                     labels=["A", "B", "C", "D"], label_words=[" A", " B", " C", " D"],
+                     prompt="{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:")
+    splits = load_splits(cfg, 0, "causal_lm")
+    assert splits.train.texts[0] == "Which is a colour?\nA. blue\nB. seven\nC. run\nD. under\nAnswer:"
+    assert splits.train.responses[:2] == [" A", " B"]
+    tokens = tokenize_instructions(tok, splits.train, 40, chat=False, options=splits.options)
+    assert len(tokens.choices.options) == 4 and tokens.choices.answers[:2].tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("raw, culprit", [
     ({"data.label_words": WORDS}, "data.label_words: applies to task causal_lm"),
     ({"task": "causal_lm"}, "data.label_words: task causal_lm needs"),
