@@ -1,5 +1,5 @@
-"""The learning rate `train.lr: auto` gives LoRA on MiniLM: a sweep on validation splits, then the
-check on the test sets.
+"""The learning rate `train.lr: auto` gives LoRA on a model (MiniLM, or with `--model smollm2` the
+bundled SmolLM2): a sweep on validation splits, then the check on the test sets.
 
 Every run: FedLoRA, 4 IID devices (`devices: {reference: 4}`), the modelled clock, and every other
 key at its default (rounds, local steps, batch, sequence length, LoRA rank), the learning rate aside.
@@ -18,10 +18,16 @@ the check, only `data` and `devices` given and rounds raised to 10, on the AG Ne
 test rows, accuracy after every round, the first round at 0.85); and the synthetic task (800 test
 rows) after the default rounds.
 
---quick: grid 5e-4 and 2e-3, seed 0, 1 round of 2 steps, length 32, 200 validation and test rows.
+SmolLM2 (`--model smollm2`): the same, as task causal_lm: each task's rows under a prompt asking
+for the topic, answered by a topic word, accuracy by scoring the words (docs/llm.md); a smaller
+grid; the check is the AG News test accuracy (800 rows) after the default rounds.
+
+--quick: two rates, seed 0, 1 round of 2 steps, length 32, 200 validation and test rows.
 --skip-sweep: only the runs on the test sets (after the table has changed).
 `--threads N` sets model.threads in every run (1 on a busy machine): speed only, what is learned
-differs at most by rounding.  Full run: about 30 min on 2 quiet cores (a sweep run takes about 80 s).
+differs at most by rounding.  Full run: about 30 min on 2 quiet cores (a sweep run takes about 80 s);
+with `--model smollm2` a run takes about 12 min (5 rounds of 40 steps at batch 16, then 800 rows
+scored), about 3.5 h in all: not yet run at full size.
 One line a run on stderr; one JSON object on the last line of stdout.
 """
 from __future__ import annotations
@@ -44,8 +50,15 @@ from testbed.core.config import (DataConfig, ExperimentConfig,  # noqa: E402
 from testbed.data import synthetic_topics  # noqa: E402
 from testbed.experiments.run import run_inprocess  # noqa: E402
 
-MODEL = "minilm"
-GRID = [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
+GRIDS = {"minilm": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], "smollm2": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]}
+# SmolLM2 answers a prompt with a word (task causal_lm): per task, the prompt over the held-out
+# files' `text` column and the words by label id (the synthetic task's first four topics).
+LLM_TASKS = {
+    "ag_news": ("Classify the topic of this news article as World, Sports, Business or Science.\n"
+                "Article: {text}\nTopic:", [" World", " Sports", " Business", " Science"]),
+    "synthetic": ("Is this text about politics, sports, business or technology?\nText: {text}\nTopic:",
+                  [" politics", " sports", " business", " technology"]),
+}
 SEEDS = [0, 1, 2]
 TARGET, CHECK_ROUNDS = 0.85, 10
 DEVICES = {"reference": 4}
@@ -132,21 +145,24 @@ def choose(scores: dict[str, dict[float, list[float]]], lrs: list[float]) -> flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="minilm", choices=sorted(GRIDS), help="the model measured (default: minilm)")
     ap.add_argument("--data", default=str(ROOT / "data" / "ag_news"), help="the AG News sample's folder")
     ap.add_argument("--threads", type=int, help="model.threads of every run (default: its default)")
     ap.add_argument("--skip-sweep", action="store_true", help="only the test-set runs (after the table changed)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lr"))
+    ap.add_argument("--out", help="default: bench/results/lr (MiniLM), bench/results/lr-MODEL (others)")
     args = ap.parse_args()
-    agnews, out = Path(args.data), Path(args.out)
+    suffix = "" if args.model == "minilm" else f"-{args.model}"
+    agnews, out = Path(args.data), Path(args.out or ROOT / "bench" / "results" / f"lr{suffix}")
     if not (agnews / "train.csv").is_file() or not (agnews / "test.csv").is_file():
         sys.exit(f"bench/lr.py: the AG News sample (train.csv, test.csv) is not in {agnews}; give --data DIR")
     shutil.rmtree(out, ignore_errors=True)  # every run directory afresh
     start = time.perf_counter()
     n_val, n_test = (200, 200) if args.quick else (800, 0)
-    grid, seeds = ([5e-4, 2e-3], [0]) if args.quick else (GRID, SEEDS)
+    llm = args.model != "minilm"
+    grid, seeds = ([5e-4, 2e-3], [0]) if args.quick else (GRIDS[args.model], SEEDS)
     # The defaults; --quick shortens the runs.
-    model = {} if args.threads is None else {"threads": args.threads}
-    base: dict = {"devices": DEVICES, "model": model}
+    model = {"name": args.model} | ({} if args.threads is None else {"threads": args.threads})
+    base: dict = {"devices": DEVICES, "model": model} | ({"task": "causal_lm"} if llm else {})
     if args.quick:
         base |= {"rounds": 1, "model": {**model, "max_length": 32}, "train": {"local_steps": 2}}
 
@@ -154,23 +170,32 @@ def main() -> None:
     if not args.skip_sweep:
         tasks = {"ag_news": hold_out(ag_news_rows(agnews), n_val, out / "data" / "ag_news"),
                  "synthetic": hold_out(synthetic_rows(), n_val, out / "data" / "synthetic")}
+        if llm:
+            tasks = {t: {**data, "prompt": LLM_TASKS[t][0], "label_words": LLM_TASKS[t][1]}
+                     for t, data in tasks.items()}
         found = sweep(tasks, base, grid, seeds, out)
 
-    auto = default_lr(MODEL)
+    auto = default_lr(args.model)
     ag_data = {"source": "files", "train_file": str(agnews / "train.csv"), "test_file": str(agnews / "test.csv"),
                "text_columns": ["title", "description"], "label_column": "label", "label_offset": 1,
-               "max_test": n_test}
-    rounds = 1 if args.quick else max(ExperimentConfig.rounds, CHECK_ROUNDS)
+               "max_test": n_test or (800 if llm else 0)}
+    if llm:
+        ag_data |= {"prompt": LLM_TASKS["ag_news"][0].replace("{text}", "{title} {description}"),
+                    "label_words": LLM_TASKS["ag_news"][1]}
+    rounds = 1 if args.quick else ExperimentConfig.rounds if llm else max(ExperimentConfig.rounds, CHECK_ROUNDS)
     check = run({**base, "rounds": rounds, "data": ag_data}, out / "check", f"check ag_news lr auto ({auto:g})")
     reached = next((r + 1 for r, a in enumerate(check[:CHECK_ROUNDS]) if a >= TARGET), None)
-    synthetic_test = run({**base, "data": {"synthetic_test": n_test or 800}}, out / "synthetic-test",
+    synthetic = {"synthetic_test": n_test or 800}
+    if llm:
+        synthetic |= {"prompt": LLM_TASKS["synthetic"][0], "label_words": LLM_TASKS["synthetic"][1]}
+    synthetic_test = run({**base, "data": synthetic}, out / "synthetic-test",
                          f"test synthetic lr auto ({auto:g})")
 
     chosen = f"chosen lr {found['chosen']:g}, " if found else ""
     print(f"{chosen}table (auto) {auto:g}; check: best {max(check):.4f}, {TARGET} "
           + (f"at round {reached}" if reached else f"not reached in {rounds} rounds"), file=sys.stderr)
     print(json.dumps({
-        "bench": "lr", "quick": args.quick, "model": MODEL, "devices": DEVICES, "grid": grid, "seeds": seeds,
+        "bench": "lr", "quick": args.quick, "model": args.model, "devices": DEVICES, "grid": grid, "seeds": seeds,
         "validation_rows": n_val, **found, "auto": auto, "auto_is_chosen": auto == found["chosen"] if found else None,
         "check": {"lr": auto, "rounds": rounds, "test_rows": n_test or "all", "accuracy": check,
                   "best": max(check), f"first_round_at_{TARGET}": reached,
