@@ -148,7 +148,7 @@ def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> No
     for rank, j in joined.items():
         if j.profile is not None:
             j.profile.save(folder / f"rank-{rank}.yaml")
-        speed = exp.cost.profile.seconds_per_token() / j.profile.seconds_per_token() if j.profile else 0.0
+        speed = j.profile.speed(exp.cost.profile) if j.profile else 0.0
         log.info("rank %d (%s): on %s, %s link %.0f Mbit/s, %.2f ms", rank, ", ".join(j.devices) or "no device",
                  j.device or "an unnamed device", f"{speed:.2f}x the reference," if speed else "not profiled,",
                  j.bandwidth_mbit, j.latency_ms)

@@ -99,7 +99,8 @@ def test_each_cell_runs_once_a_killed_cell_resumes_and_the_report_matches_the_ru
 def test_energy_to_target_sums_the_rounds_up_to_the_one_that_reached_it(tmp_path):
     rows = [{"energy_j": 10.0}, {"energy_j": 20.0}, {"energy_j": 40.0}]
     assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": 2, "energy_j": 70.0})) == 30.0
-    assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": None, "energy_j": 70.0})) is None
+    never = Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": None, "energy_j": 70.0})
+    assert energy_to_target(never) is None
     assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": 2})) is None  # an older run
 
 

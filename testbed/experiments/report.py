@@ -91,8 +91,8 @@ def group_stats(g: Group, out: Path) -> dict:
 def versus(s: dict, base: dict | None) -> dict:
     """Ratios against the baseline of the same setting (None where either side has no figure)."""
     if base is None:
-        return {"speedup": None, "memory_reduction": None, "traffic_reduction": None, "per_round_traffic_reduction": None,
-                "energy_reduction": None}
+        return dict.fromkeys(["speedup", "memory_reduction", "traffic_reduction", "per_round_traffic_reduction",
+                              "energy_reduction"])
     both = s["time_to_target_s"] and base["time_to_target_s"]
     per_round = s["bytes_up_per_round"] + s["bytes_down_per_round"]
     base_round = base["bytes_up_per_round"] + base["bytes_down_per_round"]

@@ -18,7 +18,7 @@ from testbed.measure.profiler import (DeviceProfile, analytic_profile,
                                       fingerprint, load_profile)
 from testbed.model.info import ModelInfo, model_info
 from testbed.model.load import load_backbone
-from testbed.model.placement import DTYPES, model_placement, place
+from testbed.model.placement import DTYPES, Placement, model_placement, place
 from testbed.server.costmodel import REFERENCE_GFLOPS, CostModel
 from testbed.server.experiment import Experiment
 from testbed.server.strategies import STRATEGIES
@@ -43,7 +43,7 @@ def measured_devices(devices: dict[str, Device], reference: DeviceProfile, info:
     for d in devices.values():
         if d.profile:
             measured = load_profile(Path(d.profile), info)  # refused if measured on another model
-            d.speed = reference.seconds_per_token() / measured.seconds_per_token()
+            d.speed = measured.speed(reference)
             if measured.bandwidth_mbit:
                 d.bandwidth_mbit, d.latency_ms = measured.bandwidth_mbit, measured.latency_ms
 
@@ -93,6 +93,7 @@ class Inputs:
     devices: dict[str, Device]
     splits: Splits
     shards: dict[str, Shard]
+    placement: Placement  # the device and precision, checked on this machine
 
 
 def check_inputs(cfg: ExperimentConfig) -> Inputs:
@@ -104,8 +105,8 @@ def check_inputs(cfg: ExperimentConfig) -> Inputs:
     splits = load_splits(cfg.data, cfg.seed, cfg.task)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)
     check_model_name(cfg.model.name)
-    model_placement(cfg.model.device, cfg.train.precision)  # a device or precision this machine lacks
-    return Inputs(devices, splits, shards)
+    placement = model_placement(cfg.model.device, cfg.train.precision)  # a device or precision this machine lacks
+    return Inputs(devices, splits, shards, placement)
 
 
 def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = None) -> Experiment:
@@ -117,7 +118,7 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     if splits.label_names and not agent:
         print("testbed: labels " + ", ".join(f"{n}={i}" for i, n in enumerate(splits.label_names)), file=sys.stderr)
     bb = load_backbone(cfg.model, splits.num_labels, cfg.seed, resident=not agent, task=cfg.task)
-    bb.placement = model_placement(cfg.model.device, cfg.train.precision)
+    bb.placement = inputs.placement
     place(bb.model, bb.head_params(), bb.placement.device, DTYPES[cfg.model.dtype])
     chat = uses_chat(cfg, bb.tokenizer, quiet=agent)
     data = Dataset(tokens(cfg, bb.tokenizer, splits.train, chat, splits.options),

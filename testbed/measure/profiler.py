@@ -62,6 +62,10 @@ class DeviceProfile:
             + sum(self.backward_s[rank])
         return step / (self.batch_size * self.seq_len)
 
+    def speed(self, reference: DeviceProfile) -> float:
+        """This device's training speed relative to the reference's (higher is faster)."""
+        return reference.seconds_per_token() / self.seconds_per_token()
+
     def step_footprint_bytes(self, batch: int | None = None) -> float:
         """The counted footprint of the profiled step (the largest rank on every layer) at `batch`
         (default: the profiled one): parameters, LoRA and its gradients, saved activations."""

@@ -62,7 +62,8 @@ def save_tiny_decoder(path: Path, family: str = "llama", hidden: int = 32, layer
     tok = decoder_tokenizer()
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if family == "gpt2":
-        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate, n_positions=positions, **ids)
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate, n_positions=positions,
+                         **ids)
     elif family in ("llama", "qwen2", "mistral", "phi"):
         config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi": PhiConfig}[family]
         cfg = config_class(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
