@@ -38,7 +38,7 @@ def test_each_device_gets_the_most_capacity_that_fits_and_meets_the_deadline(tin
     _, exp, strategy, state = adaptive(tiny_bert, **{"strategy.factors": [factor]})
     names = list(exp.devices)
     plans = strategy.plan(0, names, state)
-    deadline = round_deadline(strategy.ctx, names) * factor
+    deadline = round_deadline(strategy.ctx, names, validate=True) * factor  # the plans validate: charged
     for name, plan in plans.items():
         seconds = strategy.cost_of(name, plan)
         assert exp.cost.fits(exp.devices[name], plan) and seconds <= deadline
@@ -129,7 +129,7 @@ def test_once_the_gain_flattens_every_device_runs_the_baseline_if_it_can(tiny_be
 def test_the_full_arm_is_fedloras_round(tiny_bert):
     _, exp, strategy, state = adaptive(tiny_bert, **{"strategy.factors": [0.9], "strategy.full_arm": True})
     names, arms = list(exp.devices), []
-    slowest = max(baseline_seconds(strategy.ctx, names).values())
+    slowest = max(baseline_seconds(strategy.ctx, names, validate=True).values())  # its devices validate
     for r in range(3):  # untried arms first (a round's arm is credited a round later, so one may repeat)
         plans = strategy.plan(r, names, state)
         arms.append(strategy.arm)

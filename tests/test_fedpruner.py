@@ -142,7 +142,9 @@ def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_p
         sent = (exp.cost.bytes_up(plan) - exp.cost.bytes_up(plain)) * 8 / (device.bandwidth_mbit * 1e6)
         assert exp.cost.round_seconds(device, plan) - exp.cost.round_seconds(device, plain) == pytest.approx(probe_s + sent)
         by_layer = exp.cost.probe_seconds(device, dataclasses.replace(plan, probe_blocks=False))
-        assert probe_s == pytest.approx(by_layer * 5 / 3)  # a pass with every unit, then one without each
+        prof = exp.cost.profile  # a pass with every unit, then one without each: by blocks, one more per layer
+        whole = (prof.embed_s + sum(prof.forward_frozen_s)) * 8 / (prof.batch_size * prof.seq_len / cfg.model.max_length)
+        assert probe_s - by_layer == pytest.approx(exp.info.num_layers * whole / device.speed)
         assert d["bytes_up"] == pytest.approx(exp.cost.bytes_up(plan), abs=16)
         assert d["bytes_up"] - exp.cost.bytes_up(plain) >= 8 * (4 * 4 + 2 * 4)
     probe = torch.load(tmp_path / "checkpoint.pt")["strategy"]["probe"]

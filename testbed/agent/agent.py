@@ -69,13 +69,17 @@ class Agent:
         seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
         probe, probe_s = self._probe(plan, lora, head, seed)
         hold(self.bb, plan.resident(self.bb.num_layers), plan.blocks)
+        start = time.perf_counter()
         before = self._validate(plan, lora, head)
+        val_s = time.perf_counter() - start
         res = train_plan(self.bb, plan, lora, head, self.tokens, self.shard.train,
                          self.cfg.model.lora, self.cfg.train, seed, self.budget_mb)
+        start = time.perf_counter()
         after = self._validate(plan, res.lora, res.head)
+        val_s += time.perf_counter() - start
         shared = set(plan.shared(self.bb.num_layers))
         self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
-        report = Report(compute_s=probe_s + res.compute_s, step_s=res.step_s,
+        report = Report(compute_s=probe_s + val_s + res.compute_s, step_s=res.step_s,
                         peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(),
                         peak_cuda_mb=peak_cuda_mb(self.bb.placement.device),
                         peak_cuda_reserved_mb=peak_cuda_reserved_mb(self.bb.placement.device),

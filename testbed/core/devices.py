@@ -33,9 +33,8 @@ class DeviceClass:
     busy_w: float  # its draw while it trains, validates or probes
 
     def energy_j(self, busy_s: float, span_s: float) -> float:
-        """Joules over `span_s` seconds of which `busy_s` compute, idle for the rest.  A device
-        busy longer than the span (the clock does not count validation) is charged its busy
-        seconds in full, and no idle."""
+        """Joules over `span_s` seconds of which `busy_s` compute, idle for the rest (a span
+        shorter than the work, as on the wall clock, charges the work in full and no idle)."""
         return self.busy_w * busy_s + self.idle_w * max(span_s - busy_s, 0.0)
 
 
@@ -77,6 +76,7 @@ class Device:
     bandwidth_mbit: float
     latency_ms: float
     profile: str = ""  # a profile measured on it, which set-up reads its speed and link from
+    val_rows: int = 0  # its validation split's rows: a plan that validates runs them twice a round
 
 
 def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices") -> list[Device]:

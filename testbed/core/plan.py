@@ -97,7 +97,7 @@ class LayerProbe:
 class Report:
     """What a device measured during its round."""
 
-    compute_s: float = 0.0  # seconds of local work: the probe, if asked, and training (wall)
+    compute_s: float = 0.0  # seconds of local work (wall): the probe and validation, if asked, and training
     step_s: float = 0.0  # median seconds per training step (wall)
     peak_train_mem_mb: float = 0.0  # counted training footprint (see testbed.measure.memory)
     peak_rss_mb: float = 0.0  # process peak resident set size

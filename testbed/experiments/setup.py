@@ -104,6 +104,8 @@ def check_inputs(cfg: ExperimentConfig) -> Inputs:
     STRATEGIES[cfg.strategy.name].check_options(cfg.strategy)
     splits = load_splits(cfg.data, cfg.seed, cfg.task)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)
+    for name, shard in shards.items():
+        devices[name].val_rows = len(shard.val)
     check_model_name(cfg.model.name)
     placement = model_placement(cfg.model.device, cfg.train.precision)  # a device or precision this machine lacks
     return Inputs(devices, splits, shards, placement)

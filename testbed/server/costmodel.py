@@ -20,10 +20,13 @@ Strategies reason about devices only through this.
   layer's times the block's share of the layer's FLOPs (2 x parameters per token, plus the
   attention scores' 4 x length x hidden for the attention block).
 - A device-side probe (plan.probe_rows) runs the whole model forward once, then once per unit
-  with that unit skipped, on the probe rows: charged at the profile's frozen forward times.
-- Validation (plan.validate) runs the device's model forward over its validation rows before and
-  after training: its resident layers' forward times (with LoRA at the plan's rank), embeddings and
-  the head.  The round's clock does not count it; the device's busy seconds, and so its energy, do.
+  with that unit skipped, on the probe rows: charged at the profile's frozen forward times (the
+  skipped units, together one pass of the layers, left out).
+- Validation (plan.validate) runs the device's model forward over its validation rows
+  (`Device.val_rows`) before and after training: its resident layers' forward times (with LoRA at
+  the plan's rank), embeddings and the head.
+- A round is the device's busy seconds (training, probe, validation: every pass the plan asks of
+  it) plus its two transfers; nothing the plan asks is free.
 """
 from __future__ import annotations
 
@@ -95,13 +98,15 @@ class CostModel:
         if not plan.probe_rows:
             return 0.0
         p, n = self.profile, self.info.num_layers
-        passes = 1 + n * (2 if plan.probe_blocks else 1)
-        tokens = plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len)
-        return passes * (p.embed_s + sum(p.forward_frozen_s)) * tokens / device.speed
+        layers = sum(p.forward_frozen_s)
+        passes = 1 + n * (2 if plan.probe_blocks else 1)  # each pass after the first skips one unit:
+        seconds = passes * (p.embed_s + layers) - layers  # together, the whole model's layers once
+        return seconds * plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len) / device.speed
 
-    def validation_seconds(self, device: Device, plan: Plan, rows: int) -> float:
-        """Validating the device's model on `rows` rows, before and after training (0 if the plan
-        does not ask)."""
+    def validation_seconds(self, device: Device, plan: Plan) -> float:
+        """Validating the device's model on its validation rows, before and after training (0 if
+        the plan does not ask)."""
+        rows = device.val_rows
         if not plan.validate or not rows:
             return 0.0
         p, n = self.profile, self.info.num_layers
@@ -113,10 +118,10 @@ class CostModel:
         tokens = rows * self.seq_len / (p.batch_size * p.seq_len)
         return 2 * forward * tokens / device.speed
 
-    def busy_seconds(self, device: Device, plan: Plan, val_rows: int) -> float:
+    def busy_seconds(self, device: Device, plan: Plan) -> float:
         """The seconds the device computes in a round: training, the probe and validation."""
         return (plan.local_steps * self.step_seconds(device, plan) + self.probe_seconds(device, plan)
-                + self.validation_seconds(device, plan, val_rows))
+                + self.validation_seconds(device, plan))
 
     def lora_params(self, plan: Plan, layers: list[int]) -> int:
         per_rank = sum(o + i for o, i in self.info.shapes.values())
@@ -180,6 +185,5 @@ class CostModel:
         return device.latency_ms / 1000 + nbytes * 8 / (device.bandwidth_mbit * 1e6)
 
     def round_seconds(self, device: Device, plan: Plan) -> float:
-        return (plan.local_steps * self.step_seconds(device, plan) + self.probe_seconds(device, plan)
-                + self.transfer_seconds(device, self.bytes_down(plan))
+        return (self.busy_seconds(device, plan) + self.transfer_seconds(device, self.bytes_down(plan))
                 + self.transfer_seconds(device, self.bytes_up(plan)))

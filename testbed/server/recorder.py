@@ -148,7 +148,7 @@ class RunRecorder:
         model gives its work (training, probe, validation), idle power for the rest of the round
         (its transfers and its wait for the slowest device)."""
         d = self.exp.devices[device]
-        busy_s = self.exp.cost.busy_seconds(d, plan, len(self.exp.data.shards[device].val))
+        busy_s = self.exp.cost.busy_seconds(d, plan)
         return CLASSES[d.device_class].energy_j(busy_s, round_s)
 
     def summary(self) -> dict:

@@ -85,15 +85,14 @@ class Adaptive(Strategy):
         spaces = {d: self.space(d) for d in chosen}
         if not self.relaxed:
             self.arm = self.bandit.select(self.rng, list(range(self.bandit.arms)))
+        validate = not self.relaxed  # the deadline charges the validation the plans will run
         if self.relaxed or self.arm == len(self.opts.factors):  # FedLoRA's round
-            deadline = max(baseline_seconds(self.ctx, chosen).values())
+            deadline = max(baseline_seconds(self.ctx, chosen, validate).values())
         else:
-            deadline = round_deadline(self.ctx, available) * self.opts.factors[self.arm]
+            deadline = round_deadline(self.ctx, available, validate) * self.opts.factors[self.arm]
         # A round lasts at least as long as its slowest device's fastest plan: the others may use that.
         deadline = max([deadline, *(self.cost_of(d, self.configure(d, spaces[d], 0.0)) for d in chosen)])
-        # Devices validate while the bandit and the relax test need it (each validation costs forward passes).
-        self.plans = {d: dataclasses.replace(self.configure(d, spaces[d], deadline), validate=not self.relaxed)
-                      for d in chosen}
+        self.plans = {d: self.configure(d, spaces[d], deadline) for d in chosen}
         return self.plans
 
     def cost_of(self, device: str, plan: Plan) -> float:
@@ -120,7 +119,9 @@ class Adaptive(Strategy):
             layers = self.pruner.submodel(device, self.probe).layers
             pruned = [dataclasses.replace(c, layers=layers) for c in whole]
             fitting = [c for c in pruned if c.trained(n) and cost.fits(dev, c)] or pruned[-1:]
-        return [self.with_drop(c, p) for p in self.opts.drops for c in fitting]
+        # Devices validate while the bandit and the relax test need it (each validation costs forward passes).
+        return [dataclasses.replace(self.with_drop(c, p), validate=not self.relaxed)
+                for p in self.opts.drops for c in fitting]
 
     def with_drop(self, plan: Plan, p: float) -> Plan:
         n = self.ctx.model.num_layers

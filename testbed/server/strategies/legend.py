@@ -65,16 +65,18 @@ def with_below(ctx: Context, ranks: dict[int, int], depth: int, top: int) -> Pla
     return base_plan(ctx.cfg, {**ranks, **dict.fromkeys(below, top)}, frozen=below)
 
 
-def baseline_seconds(ctx: Context, devices: list[str]) -> dict[str, float]:
-    """Each device's predicted round time running the baseline (all layers, one rank)."""
-    baseline = base_plan(ctx.cfg, dict.fromkeys(range(ctx.model.num_layers), ctx.cfg.model.lora.rank))
+def baseline_seconds(ctx: Context, devices: list[str], validate: bool = False) -> dict[str, float]:
+    """Each device's predicted round time running the baseline (all layers, one rank), with
+    validation where the strategy's plans validate."""
+    baseline = base_plan(ctx.cfg, dict.fromkeys(range(ctx.model.num_layers), ctx.cfg.model.lora.rank),
+                         validate=validate or ctx.cfg.strategy.validate)
     return {d: ctx.cost.round_seconds(ctx.devices[d], baseline) for d in devices}
 
 
-def round_deadline(ctx: Context, available: list[str]) -> float:
+def round_deadline(ctx: Context, available: list[str], validate: bool = False) -> float:
     """The round's deadline: the predicted round time of the reference device running the
     baseline, times `deadline_factor`."""
-    opts, times = ctx.cfg.strategy, baseline_seconds(ctx, available)
+    opts, times = ctx.cfg.strategy, baseline_seconds(ctx, available, validate)
     ref = opts.deadline_device
     if ref == "median":
         value = statistics.median_low(sorted(times.values()))
