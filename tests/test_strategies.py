@@ -8,7 +8,7 @@ import torch
 
 from testbed.comm.transport import Failure
 from testbed.core.config import from_dict
-from testbed.core.plan import Plan, Update
+from testbed.core.plan import Update
 from testbed.core.state import GlobalState
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
@@ -16,20 +16,7 @@ from testbed.model.tiny import tiny_config
 from testbed.server.admission import check_update
 from testbed.server.loop import initial_state, make_strategy
 from testbed.server.strategies import STRATEGIES
-from testbed.server.strategies.base import base_plan
 from testbed.server.strategies.hetlora import pow2_floor
-from testbed.server.strategies.legend import (candidates, rank_distribution,
-                                              round_deadline)
-
-
-@pytest.mark.parametrize("depth", range(1, 7))
-@pytest.mark.parametrize("low, high", [(2, 8), (1, 16), (4, 4)])
-def test_legend_ranks_are_non_decreasing_toward_the_output(depth, low, high):
-    ranks = rank_distribution(depth, 6, low, high, "ramp")
-    lora = [r for r in ranks.values() if r]
-    assert len(lora) == depth and all(r == 0 for l, r in ranks.items() if l < 6 - depth)
-    assert lora == sorted(lora) and lora[-1] == high and min(lora) >= 1
-    assert all(r & (r - 1) == 0 for r in lora)  # powers of two
 
 
 def test_pow2_floor():
@@ -82,48 +69,6 @@ def test_backprop_stops_at_the_lowest_lora_layer(tiny_bert):
     assert footprint[1] < res.footprint_mb < footprint[1] + 0.01 < footprint[2] * 0.8
     assert all(torch.equal(res.lora[0][n], lora[0][n]) for n in lora[0])
     assert not all(torch.equal(res.lora[1][n], lora[1][n]) for n in lora[1])
-
-
-def test_legend_gives_each_device_the_most_capacity_that_meets_the_deadline(tiny_bert):
-    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "legend", "model.lora.rank": 8,
-                                              "train.local_steps": 500, "strategy.deadline_device": "jetson-tx2",
-                                              "strategy.deadline_factor": 0.95,
-                                              "devices": {"agx-orin": 1, "xavier-nx": 1, "jetson-tx2": 1}}))
-    exp = setup(cfg)
-    strategy = make_strategy(exp)
-    deadline = round_deadline(strategy.ctx, list(exp.devices))
-    plans = strategy.plan(0, list(exp.devices), initial_state(exp, strategy))
-    full = base_plan(cfg, dict.fromkeys(range(2), 8))
-
-    def capacity(p: Plan) -> tuple[int, int]:
-        trained = p.trained(2)
-        return sum(p.ranks[l] for l in trained), len(trained)
-
-    shallow = 0
-    for name, device in exp.devices.items():
-        seconds = exp.cost.round_seconds(device, plans[name])
-        if exp.cost.round_seconds(device, full) <= deadline:  # the baseline fits: run it unchanged
-            assert plans[name].ranks == full.ranks and not plans[name].frozen
-            continue
-        shallow += 1
-        assert seconds <= deadline
-        richer = [c for c in candidates(strategy.ctx) if capacity(c) > capacity(plans[name])]
-        assert richer and all(exp.cost.round_seconds(device, c) > deadline for c in richer)
-    assert shallow == 1  # the TX2 must cut a twentieth of its round
-
-
-def test_legend_runs_the_global_lora_frozen_below_its_depth(tiny_bert, tmp_path):
-    cfg = from_dict(tiny_config(tiny_bert, **{"strategy.name": "legend", "strategy.deadline_factor": 0.95,
-                                              "strategy.deadline_device": "jetson-tx2", "train.local_steps": 500,
-                                              "devices": {"agx-orin": 1, "jetson-tx2": 1}}))
-    exp = setup(cfg)
-    strategy = make_strategy(exp)
-    state = initial_state(exp, strategy)
-    plans = strategy.plan(0, list(exp.devices), state)
-    shallow = plans["jetson-tx2-0"]
-    assert shallow.frozen and set(shallow.frozen) == set(range(min(shallow.trained(2))))
-    assert exp.cost.bytes_down(shallow) > exp.cost.bytes_down(Plan(ranks={1: shallow.ranks[1]}))
-    assert sorted(state.downlink(shallow, 2)) == [0, 1] and shallow.shared(2) == [1]
 
 
 def equal(a, b) -> bool:

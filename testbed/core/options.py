@@ -32,25 +32,45 @@ class HetRankOptions(StrategyConfig):
     ranks: dict[str, int] = option({}, doc="fixed rank per device class, overriding the speed rule")
 
 
+def below_option(default: str) -> Any:
+    """`below`, which legend and adaptive default differently."""
+    return option(default, choices=("none", "frozen"),
+                  doc="layers under a device's depth: none: run without LoRA (not sent down; the device's model "
+                      "then differs from the global one); frozen: run the global LoRA frozen (sent down, run "
+                      "forward, not trained)")
+
+
 @dataclass
-class LegendOptions(StrategyConfig):
+class DepthRankOptions(StrategyConfig):
+    """LEGEND's plans (LoRA depth and rank ramp) and deadline: what legend and adaptive share."""
+
     max_rank: int = option(0, lo=0, doc="rank of the top layer; 0 = model.lora.rank")
     min_rank: int = option(2, lo=1, doc="rank of the lowest LoRA layer at full ramp")
     min_depth: int = option(1, lo=1, doc="the fewest top layers a device may train LoRA on")
     rank_profile: str = option("ramp", choices=("ramp", "uniform"),
-                               doc="ramp: ranks may rise toward the output (from min_rank); uniform: one rank per plan")
+                               doc="ramp: ranks rise toward the output, min_rank on the lowest LoRA layer to "
+                                   "max_rank on the top one (lower or flatter ramps where a device needs them); "
+                                   "uniform: one rank on every LoRA layer of a plan")
     deadline_device: str = option("median", doc="median, fastest, slowest, or a device class name")
     deadline_factor: float = option(1.0, gt=0, doc="scales the reference device's predicted round time")
     aggregation: str = option("pad", choices=("pad", "hetlora", "flexlora"),
                               doc="the rule (testbed/server/aggregate.py) layers are averaged by; "
                                   "pad: rank rows averaged over the devices that hold them")
-    below: str = option("frozen", choices=("frozen", "none"),
-                        doc="layers under the depth: run the global LoRA frozen (sent down, not trained), "
-                            "or run without LoRA (the device's model then differs from the global one)")
 
 
 @dataclass
-class AdaptiveOptions(LegendOptions):
+class LegendOptions(DepthRankOptions):
+    choose: str = option("paper", choices=("paper", "ranks"),
+                         doc="paper: the full ramp on the deepest top layers that meet the deadline, its ranks "
+                             "halved only where min_depth at the full ramp does not (the paper's structure); "
+                             "ranks: the plan with the largest sum of ranks, then the deepest (the baseline "
+                             "wherever it meets the deadline)")
+    below: str = below_option("none")
+
+
+@dataclass
+class AdaptiveOptions(DepthRankOptions):
+    below: str = below_option("frozen")  # the layers dropout skips by default (drop_on: frozen)
     drops: list[float] = option([0.0, 0.1, 0.2], doc="layer dropout levels a device may use to meet the deadline")
     drop_on: str = option("frozen", choices=("frozen", "all"),
                           doc="layers dropout may skip: those below the device's depth (forward only), or all it runs")

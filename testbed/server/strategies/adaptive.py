@@ -22,8 +22,9 @@ trained layers, then depth), then the least dropout, among:
 
 - layers: all of them; where no plan over all layers fits the device's memory, FedPruner's
   submodel (the most layers that fit, one kept per group of alike layers, probed on the server);
-- depth and ranks: LEGEND's candidates (its options apply; below the depth the global LoRA runs
-  frozen by default);
+- depth and ranks: every depth and ramp of LEGEND's (its options apply but `choose`; `below` is
+  `frozen` by default here, unlike LEGEND's `none`: the layers under the depth then run the
+  global LoRA forward only, which is what dropout skips by default);
 - dropout: each level of `drops`, on the layers below the depth (`drop_on: frozen`: they run
   forward only, so skipping them saves time without touching what the device trains) or on
   every layer it runs (`all`).

@@ -1,17 +1,34 @@
 """LEGEND: per-device LoRA depth and rank distribution (reconstructed from arXiv 2412.20004).
 
-A device trains LoRA only on its top `d` layers (backpropagation stops at the lowest of
-them), with ranks that do not decrease toward the output.  Each round the configurator
-sets a common deadline, the predicted round time of a reference device running the
-baseline plan, and gives every device the configuration that trains the most LoRA
-parameters (sum of ranks; then the deepest) that the cost model says meets the deadline and
-fits its memory: a device that can run the baseline in time runs it unchanged.  Layers are aggregated
-over the devices that hold LoRA there (`pad` by default: rank rows over their owners).
+The paper observes that LoRA layers near the output, at higher ranks, save resources at a
+comparable accuracy.  A device therefore trains LoRA only on its top `d` layers (its depth:
+backpropagation stops at the lowest of them), with ranks that rise toward the output (the
+ramp: `min_rank` on the lowest LoRA layer up to `max_rank` on the top one, the ranks between
+rising linearly, rounded to powers of two).  Each round the configurator sets a common
+deadline, the predicted round time of a reference device running the baseline plan (FedLoRA's:
+every layer at `model.lora.rank`), and gives every device, in the order of `choose`, the first
+plan that the cost model says fits its memory and meets the deadline (none does: the fastest):
 
-Below the depth a device runs the global LoRA frozen by default (`below: frozen`): it costs
-bytes down and a little forward time but no backward, and keeps the device's model the
-global one; without it, shallow devices train their top layers on features the global
-model no longer produces, which slowed convergence in our study.
+- `paper` (the default): the full ramp at each depth, the deepest first (down to `min_depth`),
+  so a slower device gets a smaller depth; a device too slow for even `min_depth` at the full
+  ramp gets the ramp with both ends halved (to no less than 1), again the deepest first, and so
+  on down to rank 1.  A device that could run the baseline in time gets the full depth with the
+  full ramp (no slower, with `max_rank` at `model.lora.rank`), not the baseline: the paper
+  gives every device a depth and a rank distribution, and the ramp is its structure, not a
+  fallback.  Every plan deeper than one layer therefore has the ramp's shape whenever the
+  ramp's low end is below its high end.
+- `ranks`: the plan that trains the most LoRA parameters (the largest sum of ranks, then the
+  deepest) among every depth and every ramp between powers of two: a device that can run the
+  baseline in time runs it unchanged (with `max_rank` at `model.lora.rank`), and a ramp appears
+  only where no flat plan meets the deadline.
+
+Below its depth a device runs no LoRA by default (`below: none`, as in the paper): nothing of
+those layers is sent down.  `below: frozen` (not in the paper) runs the global LoRA there
+frozen, sent down and run forward but not trained: the device's model stays the global one
+(without it, a shallow device trains its top layers on features the global model no longer
+produces, which slowed convergence in an earlier study), but a shallow device's downlink is
+then mostly LoRA it does not train (88 % of a TX2's in that study).  Layers are aggregated
+over the devices that hold LoRA there (`pad` by default: rank rows over their owners).
 """
 from __future__ import annotations
 
@@ -24,16 +41,13 @@ from testbed.core.state import GlobalState
 from testbed.server.strategies.base import Context, Strategy, base_plan
 
 
-def rank_distribution(depth: int, num_layers: int, low: int, high: int, profile: str) -> dict[int, int]:
-    """Ranks for the top `depth` layers, non-decreasing toward the output (powers of two)."""
-    ranks = dict.fromkeys(range(num_layers), 0)
-    for k, layer in enumerate(range(num_layers - depth, num_layers)):
-        if profile == "uniform" or low >= high:
-            ranks[layer] = high
-        else:
-            target = low + (high - low) * (k + 1) / depth
-            ranks[layer] = min(high, 2 ** round(math.log2(target)))
-    return ranks
+def ramp(depth: int, low: int, high: int) -> list[int]:
+    """`depth` ranks from the lowest LoRA layer up: `low` to `high` (the ends exact, so the ramp
+    rises whenever low < high), the ranks between rising linearly, rounded to powers of two."""
+    if depth == 1:
+        return [high]
+    between = [low + (high - low) * k / (depth - 1) for k in range(1, depth - 1)]
+    return [low, *(min(high, max(low, 2 ** round(math.log2(t)))) for t in between), high]
 
 
 def top_rank(cfg: ExperimentConfig) -> int:
@@ -41,28 +55,55 @@ def top_rank(cfg: ExperimentConfig) -> int:
     return cfg.strategy.max_rank or cfg.model.lora.rank
 
 
+def depths(ctx: Context) -> range:
+    """The depths a device may train, the deepest first."""
+    n = ctx.model.num_layers
+    return range(n, min(ctx.cfg.strategy.min_depth, n) - 1, -1)
+
+
 def candidates(ctx: Context) -> list[Plan]:
-    """Every depth with every ramp between powers of two, the most LoRA parameters first
-    (`ctx.cfg.strategy` holds LEGEND's options)."""
-    opts, n, top = ctx.cfg.strategy, ctx.model.num_layers, top_rank(ctx.cfg)
+    """Every depth with every ramp between powers of two, the most LoRA parameters first (then
+    the deepest): the order of `choose: ranks`."""
+    opts, top = ctx.cfg.strategy, top_rank(ctx.cfg)
     highs = [top >> k for k in range(top.bit_length()) if top >> k]
     shapes = set()
-    for depth in range(n, opts.min_depth - 1, -1):
+    for depth in depths(ctx):
         for high in highs:
             lows = [high] if opts.rank_profile == "uniform" else [l for l in highs if l <= high]
             for low in lows:
                 if low >= min(opts.min_rank, high):
-                    ranks = rank_distribution(depth, n, low, high, opts.rank_profile)
-                    shapes.add((sum(ranks.values()), depth, tuple(ranks.values())))
-    return [with_below(ctx, dict(enumerate(r)), d, top) for _, d, r in sorted(shapes, reverse=True)]
+                    ranks = tuple(ramp(depth, low, high))
+                    shapes.add((sum(ranks), depth, ranks))
+    return [structure(ctx, list(ranks)) for *_, ranks in sorted(shapes, reverse=True)]
 
 
-def with_below(ctx: Context, ranks: dict[int, int], depth: int, top: int) -> Plan:
-    """The plan of a depth; the layers below it run the global LoRA frozen unless `below: none`."""
-    below = list(range(ctx.model.num_layers - depth))
+def ramps(ctx: Context) -> list[tuple[int, int]]:
+    """The (low, high) ends of the ramps `choose: paper` tries: the full ramp, then each with
+    both ends halved (to no less than 1), down to rank 1."""
+    opts, high = ctx.cfg.strategy, top_rank(ctx.cfg)
+    low = high if opts.rank_profile == "uniform" else min(opts.min_rank, high)
+    out = [(low, high)]
+    while high > 1:
+        low, high = max(low // 2, 1), high // 2
+        out.append((low, high))
+    return out
+
+
+def paper_plans(ctx: Context) -> list[Plan]:
+    """The order of `choose: paper`: each ramp of `ramps` (the full one first) at every depth,
+    the deepest first."""
+    return [structure(ctx, ramp(d, low, high)) for low, high in ramps(ctx) for d in depths(ctx)]
+
+
+def structure(ctx: Context, lora: list[int]) -> Plan:
+    """The plan with LoRA at these ranks on the top layers (the lowest first), none below them
+    or, with `below: frozen`, the global LoRA (at the top rank) frozen."""
+    n, depth = ctx.model.num_layers, len(lora)
+    below = list(range(n - depth))
+    ranks = dict(enumerate(lora, start=n - depth))
     if ctx.cfg.strategy.below == "none" or not below:
-        return base_plan(ctx.cfg, ranks)
-    return base_plan(ctx.cfg, {**ranks, **dict.fromkeys(below, top)}, frozen=below)
+        return base_plan(ctx.cfg, {**dict.fromkeys(below, 0), **ranks})
+    return base_plan(ctx.cfg, {**dict.fromkeys(below, top_rank(ctx.cfg)), **ranks}, frozen=below)
 
 
 def baseline_seconds(ctx: Context, devices: list[str], validate: bool = False) -> dict[str, float]:
@@ -91,6 +132,10 @@ def round_deadline(ctx: Context, available: list[str], validate: bool = False) -
 class Legend(Strategy):
     name = "legend"
 
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.order = paper_plans(ctx) if self.opts.choose == "paper" else candidates(ctx)  # what configure tries
+
     @classmethod
     def max_rank(cls, cfg) -> int:
         return top_rank(cfg)
@@ -101,14 +146,13 @@ class Legend(Strategy):
         return {d: self.configure(d, deadline) for d in chosen}
 
     def configure(self, device: str, deadline: float) -> Plan:
-        """The plan that tunes the most LoRA parameters (the largest sum of ranks, then the deepest)
-        within the deadline and the memory budget; if none does, the lightest."""
+        """The first plan of `choose`'s order that fits the device's memory and meets the
+        deadline; if none does, the fastest."""
         dev, cost = self.ctx.devices[device], self.ctx.cost
-        plans = candidates(self.ctx)
-        for plan in plans:
+        for plan in self.order:
             if cost.fits(dev, plan) and cost.round_seconds(dev, plan) <= deadline:
                 return plan
-        return min(plans, key=lambda p: cost.round_seconds(dev, p))
+        return min(self.order, key=lambda p: cost.round_seconds(dev, p))
 
     def rule(self) -> str:
         return self.opts.aggregation
