@@ -2,6 +2,7 @@
 Marked `gpu`; skipped where this process sees no CUDA device (CI has none: README, "GPU machines")."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from testbed.agent.agent import Agent
 from testbed.core.config import from_dict
@@ -58,6 +59,38 @@ def test_a_real_cuda_out_of_memory_fails_the_round_and_the_agent_goes_on(tiny_be
     torch.cuda.empty_cache()
     update = agent.run(1, Job(Plan(ranks={0: 4, 1: 4}, local_steps=2, batch_size=8, lr=1e-3), lora, get_head(exp.bb)))
     assert update.report.peak_cuda_mb > 0 and all(t.device.type == "cpu" for t in update.lora[0].values())
+
+
+class HostToDevice(TorchDispatchMode):
+    """Counts the copies of given CPU tensors onto the GPU, by the tensor's storage."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        self.watched = {t.untyped_storage().data_ptr() for t in tensors}
+        self.copies: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+        if (func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and isinstance(src, torch.Tensor)
+                and src.device.type == "cpu" and src.untyped_storage().data_ptr() in self.watched):
+            key = src.untyped_storage().data_ptr()
+            self.copies[key] = self.copies.get(key, 0) + 1
+        return out
+
+
+def test_a_round_copies_its_lora_and_head_onto_the_gpu_once(tiny_bert):
+    """A plan that probes, validates twice and trains: each of the job's CPU tensors crosses once."""
+    cfg = from_dict(tiny_config(tiny_bert, **{"model.device": "cuda"}))
+    exp = setup(cfg)
+    name = "laptop-0"
+    agent = Agent(name, cfg, exp.bb, exp.data.train, exp.data.shards[name])
+    lora, head = init_lora(exp.info, [0, 1], 4, 0), {n: t.cpu() for n, t in get_head(exp.bb).items()}
+    plan = Plan(ranks={0: 4, 1: 4}, local_steps=2, batch_size=8, lr=1e-3, validate=True, probe_rows=8)
+    tensors = [t for ts in lora.values() for t in ts.values()] + list(head.values())
+    with HostToDevice(tensors) as seen:
+        agent.run(0, Job(plan, lora, head))
+    assert sorted(seen.copies.values()) == [1] * len(tensors)
 
 
 def test_an_agent_on_a_discrete_gpu_measures_the_gpus_memory():

@@ -28,6 +28,7 @@ from testbed.measure.probe import probe_layers
 from testbed.model.backbone import Backbone
 from testbed.model.info import model_info
 from testbed.model.lora import init_lora
+from testbed.model.placement import moved
 from testbed.model.residency import hold
 
 
@@ -64,8 +65,9 @@ class Agent:
 
     def _run(self, round: int, job: Job) -> Update:
         reset_peak_rss()
-        plan, head = job.plan, job.head
-        lora = {**job.lora, **self._personal_layers(plan)}
+        plan, device = job.plan, self.bb.placement.device
+        # The round's one copy onto the device; every pass below reads these.
+        lora, head = moved({**job.lora, **self._personal_layers(plan)}, job.head, device)
         seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
         probe, probe_s = self._probe(plan, lora, head, seed)
         hold(self.bb, plan.resident(self.bb.num_layers), plan.blocks)
@@ -78,15 +80,15 @@ class Agent:
         after = self._validate(plan, res.lora, res.head)
         val_s += time.perf_counter() - start
         shared = set(plan.shared(self.bb.num_layers))
-        self.personal.update({l: t for l, t in res.lora.items() if l in plan.personal})
+        cpu = torch.device("cpu")  # what leaves the round (its update, the personal layers a checkpoint saves)
+        self.personal.update(moved({l: t for l, t in res.lora.items() if l in plan.personal}, {}, cpu)[0])
         report = Report(compute_s=probe_s + val_s + res.compute_s, step_s=res.step_s,
                         peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(),
-                        peak_cuda_mb=peak_cuda_mb(self.bb.placement.device),
-                        peak_cuda_reserved_mb=peak_cuda_reserved_mb(self.bb.placement.device),
+                        peak_cuda_mb=peak_cuda_mb(device), peak_cuda_reserved_mb=peak_cuda_reserved_mb(device),
                         val_accuracy_before=before["accuracy"], val_accuracy=after["accuracy"],
                         val_loss_before=before["loss"], val_loss=after["loss"])
-        return Update(device=self.device, round=round,
-                      lora={l: t for l, t in res.lora.items() if l in shared}, head=res.head,
+        lora, head = moved({l: t for l, t in res.lora.items() if l in shared}, res.head, cpu)
+        return Update(device=self.device, round=round, lora=lora, head=head,
                       samples=len(self.shard.train), active_steps=res.active_steps,
                       steps=plan.local_steps, loss=res.loss, report=report, probe=probe)
 

@@ -48,6 +48,7 @@ def _full(bb: Backbone, layer: int, module: str) -> str:
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 def get_lora(bb: Backbone, peft_model: nn.Module) -> LoraState:
+    """A copy of the wrapped model's factors, on the model's device."""
     from peft import get_peft_model_state_dict
 
     state: LoraState = {}
@@ -55,7 +56,7 @@ def get_lora(bb: Backbone, peft_model: nn.Module) -> LoraState:
         m = _KEY.match(key)
         if not m or m["path"] != bb.layers_path:
             raise TestbedError(f"unexpected LoRA key {key!r}")
-        state.setdefault(int(m["layer"]), {})[f"{m['module']}.{m['ab']}"] = tensor.detach().to("cpu", copy=True)
+        state.setdefault(int(m["layer"]), {})[f"{m['module']}.{m['ab']}"] = tensor.detach().clone()
     return state
 
 def freeze_lora(bb: Backbone, peft_model: nn.Module, layers: list[int]) -> None:
@@ -81,7 +82,7 @@ def set_lora(bb: Backbone, peft_model: nn.Module, state: LoraState) -> None:
             raise TestbedError(f"LoRA state {problem}: {keys[0]} ({len(keys)} keys)")
 
 def get_head(bb: Backbone) -> HeadState:
-    return {n: p.detach().to("cpu", copy=True) for n, p in bb.head_params().items()}
+    return {n: p.detach().clone() for n, p in bb.head_params().items()}
 
 def set_head(bb: Backbone, head: HeadState) -> None:
     params = bb.head_params()

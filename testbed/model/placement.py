@@ -4,8 +4,9 @@
 LoRA factors, the head and the optimizer's state stay float32 whatever the precision (peft keeps
 adapters float32 beside a half-precision base), and so does everything that leaves the device:
 the global state, aggregation and the wire live on the CPU.  A device copies the LoRA and head
-it runs into the model where it applies them (`set_lora`, `set_head`: for the probe, each
-validation and training) and reads them out once, after training (`get_lora`, `get_head`).
+its plan needs onto itself once at the start of a round (`moved`), every pass of the round (the
+probe, both validations, training) loads them from there, and the round's result is copied back
+to the CPU once at its end.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from testbed.core.errors import TestbedError
+from testbed.core.plan import HeadState, LoraState
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,3 +121,9 @@ def model_placement(device: str, precision: str, keys: tuple[str, str] = ("model
     resolved = resolve_device(device, keys[0])
     check_precision(resolved, precision, keys[1])
     return Placement(resolved, precision)
+
+
+def moved(lora: LoraState, head: HeadState, device: torch.device) -> tuple[LoraState, HeadState]:
+    """LoRA factors and a head on `device` (tensors already there are not copied)."""
+    return ({l: {n: t.to(device) for n, t in ts.items()} for l, ts in lora.items()},
+            {n: t.to(device) for n, t in head.items()})

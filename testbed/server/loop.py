@@ -40,7 +40,8 @@ def make_strategy(exp: Experiment) -> Strategy:
 def initial_state(exp: Experiment, strategy: Strategy) -> GlobalState:
     """Every layer's LoRA at the strategy's maximum rank, and the model's head."""
     layers = list(range(exp.info.num_layers))
-    return GlobalState(init_lora(exp.info, layers, strategy.max_rank(exp.cfg), exp.cfg.seed), get_head(exp.bb))
+    head = {n: t.cpu() for n, t in get_head(exp.bb).items()}  # the global state lives on the CPU
+    return GlobalState(init_lora(exp.info, layers, strategy.max_rank(exp.cfg), exp.cfg.seed), head)
 
 
 def server_probe(exp: Experiment, state: GlobalState, rows: int, blocks: bool) -> LayerProbe:
