@@ -16,7 +16,8 @@ from transformers import (AutoModelForSequenceClassification, BertConfig,
 
 from launch import lab
 from launch.faults.inject import mpi_processes
-from testbed.core.config import LoraConfig
+from testbed.core.config import DataConfig, LoraConfig
+from testbed.data import Split, synthetic_topics
 from testbed.model.backbone import Backbone
 from testbed.model.load import wrap_model
 
@@ -31,6 +32,19 @@ def write_config(folder: Path, raw: dict) -> Path:
     path = folder / "exp.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def proxy_rows(seed: int) -> Split:
+    """A public proxy set for runs on the synthetic topics: sentences like theirs, generated apart
+    from their rows (with another seed)."""
+    return synthetic_topics(DataConfig(synthetic_train=24, synthetic_test=10), seed)[0]
+
+
+def write_proxy(path: Path, seed: int) -> str:
+    """proxy_rows(seed) as a file for data.proxy_file (columns text, label)."""
+    rows = proxy_rows(seed)
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(rows.texts, rows.labels)))
+    return str(path)
 
 
 def cli(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from testbed.model.tiny import tiny_config
 from testbed.server.loop import initial_state, make_strategy
 from testbed.server.strategies.legend import (baseline_seconds, candidates,
                                               round_deadline)
+from tests.helpers import write_proxy
 
 DEVICES = {"agx-orin": 1, "xavier-nx": 1, "jetson-tx2": 1}
 
@@ -52,8 +53,10 @@ def test_each_device_gets_the_most_capacity_that_fits_and_meets_the_deadline(tin
     assert tx2.trained(2) == [1] and tx2.frozen == [0] and level(tx2) == tx2_drop and 1 not in tx2.drop
 
 
-def test_a_memory_starved_device_trains_a_pruned_submodel_that_fits(tiny_bert):
-    _, exp, strategy, state = adaptive(tiny_bert)
+@pytest.mark.parametrize("proxy", [True, False])
+def test_a_memory_starved_device_trains_a_pruned_submodel_that_fits(tiny_bert, tmp_path, proxy):
+    _, exp, strategy, state = adaptive(tiny_bert, **({"data.proxy_file": write_proxy(tmp_path / "proxy.csv", 1)}
+                                                     if proxy else {}))
     tx2 = exp.devices["jetson-tx2-0"]
     lightest = min(exp.cost.peak_memory_bytes(tx2, c) for c in candidates(strategy.ctx))
     one = max(exp.cost.peak_memory_bytes(tx2, Plan(ranks={l: 8}, layers=[l], batch_size=8)) for l in (0, 1))
@@ -61,7 +64,10 @@ def test_a_memory_starved_device_trains_a_pruned_submodel_that_fits(tiny_bert):
     tx2.memory_mb = (one + lightest) / 2 / 2**20
     plan = strategy.plan(0, list(exp.devices), state)["jetson-tx2-0"]
     assert len(plan.layers) == 1 and plan.trained(2) == plan.layers and exp.cost.fits(tx2, plan)
-    assert strategy.probe is not None and strategy.probed == 0  # the layer was chosen on the server's probe
+    if proxy:  # the layer was chosen on the server's probe of its proxy set
+        assert strategy.probe is not None and strategy.probed == 0
+    else:  # at random: the server holds no rows to probe on
+        assert strategy.ctx.probe is None and strategy.probe is None
     assert all(p.layers is None for d, p in strategy.plans.items() if d != "jetson-tx2-0")
 
 

@@ -148,6 +148,8 @@ def test_the_files_a_config_names_are_found_and_rewritten(tiny_bert, tmp_path):
     assert named_files(hub)["data.hub_name"] == tmp_path / "suite"
     hub["data"]["hub_name"] = "glue"
     assert "data.hub_name" not in named_files(hub)
+    hub["data"]["proxy_file"] = str(tmp_path / "train.csv")  # the server's proxy set, whatever the source
+    assert named_files(hub)["data.proxy_file"] == tmp_path / "train.csv"
     (tmp_path / "tx2.yaml").write_text("a profile\n")  # a host's own profile travels, whatever its name's dots
     host = Host("tx2.lab", "h", profile_file=str(tmp_path / "tx2.yaml"))
     measured = run_config(from_dict(tiny_config(tiny_bert)), [host])

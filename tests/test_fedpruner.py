@@ -1,14 +1,18 @@
-"""FedPruner: CKA, grouping, selection, and runs with memory-budget submodels."""
+"""FedPruner: CKA, grouping, selection, runs with memory-budget submodels, and who probes on
+which rows (the devices on their own; the server only on a public proxy set)."""
 import dataclasses
 import json
 
 import pytest
 import torch
 
-from testbed.core.config import from_dict
-from testbed.core.plan import LayerProbe, Plan, Update
+from testbed.core.config import DataConfig, from_dict
+from testbed.core.errors import TestbedError
+from testbed.core.options import FedPrunerOptions
+from testbed.core.plan import BOTH, LayerProbe, Plan, Update
+from testbed.data import load_splits
 from testbed.experiments.run import run_inprocess
-from testbed.experiments.setup import setup
+from testbed.experiments.setup import check_inputs, setup
 from testbed.measure.probe import linear_cka
 from testbed.model.lora import get_head
 from testbed.model.tiny import tiny_config
@@ -16,6 +20,7 @@ from testbed.server.admission import check_update
 from testbed.server.loop import initial_state, make_strategy
 from testbed.server.strategies.fedpruner import (contiguous_groups,
                                                  graph_groups, mean_probe)
+from tests.helpers import proxy_rows, write_proxy
 
 
 def test_linear_cka_properties():
@@ -49,10 +54,13 @@ def test_graph_groups_cluster_similar_layers():
     assert sorted(sum(graph_groups(CKA, 3), [])) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("selection, grouping, importance", [
-    ("importance", "contiguous", "loss"), ("sampled", "graph", "cosine"), ("random", "contiguous", "loss")])
-def test_pruned_devices_hold_and_send_less(tiny_bert, tmp_path, selection, grouping, importance):
-    raw = tiny_config(tiny_bert, rounds=2, **{"strategy.name": "fedpruner"})
+@pytest.mark.parametrize("selection, grouping, importance, cka", [
+    ("importance", "contiguous", "loss", "device"), ("importance", "contiguous", "loss", "server"),
+    ("sampled", "graph", "cosine", "device"), ("random", "contiguous", "loss", "device")])
+def test_pruned_devices_hold_and_send_less(tiny_bert, tmp_path, selection, grouping, importance, cka):
+    raw = tiny_config(tiny_bert, rounds=2, **{"strategy.name": "fedpruner", "strategy.cka": cka})
+    if cka == "server":
+        raw["data"]["proxy_file"] = write_proxy(tmp_path / "proxy.csv", 1)
     exp = setup(from_dict(raw))
     one = exp.cost.peak_memory_bytes(exp.devices["laptop-0"], Plan(ranks={1: 4}, layers=[1], batch_size=8))
     both = exp.cost.peak_memory_bytes(exp.devices["laptop-0"], Plan(ranks={0: 4, 1: 4}, batch_size=8))
@@ -66,6 +74,8 @@ def test_pruned_devices_hold_and_send_less(tiny_bert, tmp_path, selection, group
         assert full["layers"] == 2 and pruned["layers"] == 1
         assert pruned["peak_train_mem_mb"] < full["peak_train_mem_mb"]
         assert pruned["bytes_up"] < 0.7 * full["bytes_up"]
+    probe = torch.load(tmp_path / "checkpoint.pt")["strategy"]["probe"]  # the devices' or the server's
+    assert (probe is None) == (selection == "random")
 
 
 def test_mean_probe_weighs_devices_by_samples():
@@ -80,7 +90,9 @@ def units_of(plan: Plan) -> int:
 
 
 def test_fine_plans_keep_blocks_and_layers_are_averaged_where_their_attention_ran(tiny_bert, tmp_path):
-    raw = tiny_config(tiny_bert, rounds=1, **{"strategy.name": "fedpruner_fine"})
+    # The server probes (on a proxy set): round 0's plans are chosen on a probe, and ask devices for none.
+    raw = tiny_config(tiny_bert, rounds=1, **{"strategy.name": "fedpruner_fine", "strategy.cka": "server",
+                                              "data.proxy_file": write_proxy(tmp_path / "proxy.csv", 1)})
     exp = setup(from_dict(raw))
     dev = exp.devices["laptop-0"]
     whole = exp.cost.peak_memory_bytes(dev, Plan(ranks={0: 4, 1: 4}, batch_size=8))
@@ -120,10 +132,7 @@ def test_fine_plans_keep_blocks_and_layers_are_averaged_where_their_attention_ra
         {d: devices[d]["bytes_up"] for d in plans}, abs=16)
 
 
-def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_path, monkeypatch):
-    import testbed.server.loop
-
-    monkeypatch.setattr(testbed.server.loop, "server_probe", lambda *a: pytest.fail("the server probed"))
+def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_path):
     raw = tiny_config(tiny_bert, rounds=3, **{"strategy.name": "fedpruner_fine", "strategy.cka": "device",
                                               "strategy.regroup_every": 2, "strategy.probe_rows": 8})
     cfg = from_dict(raw)
@@ -132,6 +141,7 @@ def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_p
     assert summary["failures"] == [] and summary["final_accuracy"] is not None
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     strategy = make_strategy(exp)
+    assert strategy.ctx.probe is None  # no proxy set: the server has no rows to probe on
     plans = strategy.plan(0, list(exp.devices), initial_state(exp, strategy))
     for d in rows[0]["devices"]:  # round 0 probes: charged on the modelled clock, sent with the update
         plan, device = plans[d["device"]], exp.devices[d["device"]]
@@ -150,3 +160,109 @@ def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_p
     probe = torch.load(tmp_path / "checkpoint.pt")["strategy"]["probe"]
     assert probe["blocks"] and len(probe["cka"]) == 4 and len(probe["importance"]["loss"]) == 4
     assert rows[1]["bytes_up"] < rows[0]["bytes_up"]  # round 1 does not probe (regroup_every: 2)
+
+
+def test_device_probing_is_the_default_and_a_server_probe_needs_a_proxy_set_named_before_the_model_loads(
+        tiny_bert, tmp_path):
+    assert FedPrunerOptions().cka == "device"
+    check_inputs(from_dict(tiny_config(tiny_bert, **{"strategy.name": "fedpruner"})))
+    raw = tiny_config("no/such-model", **{"strategy.name": "fedpruner_fine", "strategy.cka": "server"})
+    with pytest.raises(TestbedError, match=r"strategy.cka: server .* data.proxy_file names none"):
+        check_inputs(from_dict(raw))  # refused before the model (which does not exist) is even looked for
+    raw["data"]["proxy_file"] = write_proxy(tmp_path / "proxy.csv", 1)
+    with pytest.raises(TestbedError, match="model.name"):
+        check_inputs(from_dict(raw))
+
+
+def test_the_proxy_set_is_labelled_like_the_training_data_and_holds_none_of_its_rows(tmp_path):
+    cfg = from_dict(tiny_config("unused", **{"data.proxy_file": write_proxy(tmp_path / "proxy.csv", 1)})).data
+    splits = load_splits(cfg, 0)
+    written = proxy_rows(1)
+    assert splits.proxy == written
+    answered = load_splits(dataclasses.replace(cfg, label_words=["a", "b", "c", "d"]), 0, "causal_lm").proxy
+    assert answered.responses == ["abcd"[y] for y in written.labels]
+    # a training row is refused, even where the run's sample of the training rows leaves it out
+    sample = dataclasses.replace(cfg, max_train=10, proxy_file="")
+    left_out = next(t for t in splits.train.texts if t not in load_splits(sample, 0).train.texts)
+    (tmp_path / "leak.csv").write_text(f"text,label\n{left_out},0\nfresh words,0\n")
+    for leak in (dataclasses.replace(cfg, proxy_file=str(tmp_path / "leak.csv")),
+                 dataclasses.replace(sample, proxy_file=str(tmp_path / "leak.csv"))):
+        with pytest.raises(TestbedError, match="data.proxy_file: 1 of its 2 rows are also rows of the training or"):
+            load_splits(leak, 0)
+    # string labels get the training data's ids; one the run does not have is refused
+    for name, text in (("train", "good film,pos\nbad film,neg\n" * 4), ("test", "fine,pos\nawful,neg\n"),
+                       ("proxy", "great,pos\ndull,neg\nsplendid,pos\n"), ("odd", "great,pos\nso-so,meh\n")):
+        (tmp_path / f"{name}.csv").write_text("text,label\n" + text)
+    files = DataConfig(source="files", train_file=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"),
+                       proxy_file=str(tmp_path / "proxy.csv"))
+    splits = load_splits(files, 0)
+    assert splits.label_names == ["neg", "pos"] and splits.proxy.labels == [1, 0, 1]
+    with pytest.raises(TestbedError, match=r"data.label_column: data.proxy_file \(.*odd.csv\) has label 'meh'"):
+        load_splits(dataclasses.replace(files, proxy_file=str(tmp_path / "odd.csv")), 0)
+
+
+def server_probe_of(model: str, proxy: str, train_rows: int) -> tuple[torch.Tensor, LayerProbe]:
+    """The training rows of a `cka: server` run on `proxy`, and the probe its first round is planned on."""
+    raw = tiny_config(model, **{"strategy.name": "fedpruner", "strategy.cka": "server", "data.proxy_file": proxy,
+                                "data.synthetic_train": train_rows})
+    exp = setup(from_dict(raw))
+    strategy = make_strategy(exp)
+    plans = strategy.plan(0, list(exp.devices), initial_state(exp, strategy))
+    assert all(not p.probe_rows for p in plans.values())  # the server probed: no device is asked to
+    return exp.data.train.input_ids, strategy.probe
+
+
+def test_the_server_probes_its_proxy_set_and_never_the_devices_rows(tiny_bert, tmp_path):
+    """The server's probe follows the proxy file's rows and ignores the training rows: the same
+    proxy over other training rows gives the same probe, another proxy another."""
+    proxy, other = write_proxy(tmp_path / "proxy.csv", 1), write_proxy(tmp_path / "other.csv", 2)
+    train, probe = server_probe_of(tiny_bert, proxy, 200)
+    other_train, same = server_probe_of(tiny_bert, proxy, 240)
+    assert other_train.shape[0] == 240 and not torch.equal(other_train[:200], train)  # other rows altogether
+    assert same == probe
+    _, elsewhere = server_probe_of(tiny_bert, other, 200)
+    assert elsewhere.cka != probe.cka
+
+
+def kept_units(plan: Plan) -> set[int]:
+    """A fine plan's kept units as the probe numbers them: layer l's attention 2l, its FFN 2l + 1."""
+    return {2 * l + i for l in plan.resident(2) for i, b in enumerate(("attn", "ffn")) if plan.block(l) in (b, BOTH)}
+
+
+# The devices' probe of 4 units: 0 and 2 alike, all else apart; importance 0.25, 1, 0.75, 1.  Keeping 3:
+# contiguous groups [0] [1 2] [3] keep 0, 1, 3; graph groups [0 2] [1] [3] keep 1, 2, 3 (or by sampling 0).
+DEVICE_CKA = [[1.0, 0.1, 0.9, 0.1], [0.1, 1.0, 0.2, 0.1], [0.9, 0.2, 1.0, 0.15], [0.1, 0.1, 0.15, 1.0]]
+DEVICE_PROBE = LayerProbe(DEVICE_CKA, {"loss": [0.25, 1.0, 0.75, 1.0], "cosine": [0.0] * 4}, blocks=True)
+
+
+@pytest.mark.parametrize("grouping, selection", [("contiguous", "importance"), ("graph", "importance"),
+                                                 ("graph", "sampled")])
+def test_device_probes_drive_the_grouping_and_selection_from_the_next_round(tiny_bert, grouping, selection):
+    """cka: device.  Round 0 has no probe yet: every device is asked for one and the small device's
+    units are drawn at random (as many as fit); from round 1 the mean of the probes that came back
+    groups them (graph partitioning or contiguous segments) and selects one per group."""
+    raw = tiny_config(tiny_bert, **{"strategy.name": "fedpruner_fine", "strategy.grouping": grouping,
+                                    "strategy.selection": selection, "devices": {"laptop": 1, "jetson-tx2": 1}})
+    exp = setup(from_dict(raw))
+    strategy = make_strategy(exp)
+    small, pruner = exp.devices["jetson-tx2-0"], strategy.pruner
+    threes = [pruner.plan_of([u for u in pruner.units if u != drop]) for drop in pruner.units]
+    small.memory_mb = max(exp.cost.peak_memory_bytes(small, p) for p in threes) / 2**20  # any 3 units fit, not 4
+    state = initial_state(exp, strategy)
+    plans = strategy.plan(0, list(exp.devices), state)
+    assert strategy.probe is None and len(kept_units(plans["jetson-tx2-0"])) == 3
+    assert all(p.probe_rows == strategy.opts.probe_rows and p.probe_blocks for p in plans.values())
+    updates, head = [], get_head(exp.bb)
+    for d, plan in plans.items():
+        u = Update(d, 0, state.downlink(plan, 2), head, samples=len(exp.data.shards[d].train),
+                   active_steps=dict.fromkeys(plan.resident(2), 3), steps=3, loss=1.0, probe=DEVICE_PROBE)
+        assert check_update(u, plan, exp.info, head, len(exp.data.shards[d].train)) is None
+        updates.append(u)
+    state = strategy.aggregate(0, updates, [], state)
+    assert strategy.probe == DEVICE_PROBE
+    kept = [kept_units(strategy.plan(r, list(exp.devices), state)["jetson-tx2-0"]) for r in range(1, 41)]
+    if selection == "importance":
+        assert kept == [{0, 1, 3} if grouping == "contiguous" else {1, 2, 3}] * 40
+    else:  # 2 or 0 from their group, in proportion to importance (3 to 1); 1 and 3 alone in theirs
+        assert all(k - {0, 2} == {1, 3} and len(k) == 3 for k in kept)
+        assert 0 < sum(0 in k for k in kept) < sum(2 in k for k in kept)

@@ -8,7 +8,7 @@ import torch
 
 from testbed.comm.transport import Failure
 from testbed.core.config import from_dict
-from testbed.core.plan import Update
+from testbed.core.plan import LayerProbe, Update
 from testbed.core.state import GlobalState
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
@@ -98,8 +98,11 @@ def test_aggregate_returns_the_new_state_and_changes_none_of_its_inputs(tiny_ber
         lora = {l: {n: torch.full_like(t, i + 1.0) for n, t in ts.items()}
                 for l, ts in state.downlink(plan, 2).items() if l in plan.shared(2)}
         head = {n: torch.full_like(t, i + 1.0) for n, t in state.head.items()}
+        units = 2 * (2 if plan.probe_blocks else 1)  # a plan may ask for the device's probe (FedPruner's)
+        probe = LayerProbe([[1.0] * units] * units, {"loss": [0.1] * units, "cosine": [0.1] * units},
+                           plan.probe_blocks) if plan.probe_rows else None
         u = Update(d, 0, lora, head, samples=10 * (i + 1), active_steps=dict.fromkeys(plan.resident(2), 3), steps=3,
-                   loss=1.0)
+                   loss=1.0, probe=probe)
         assert check_update(u, plan, exp.info, state.head, len(exp.data.shards[d].train)) is None
         updates.append(u)
     failures = [Failure(0, "jetson-tx2-9", "timeout", "no answer")]

@@ -32,7 +32,8 @@ def run_config(cfg: ExperimentConfig, agents: list[Host]) -> dict:
 
 def named_files(raw: dict) -> dict[str, Path]:
     """Config key -> local file or directory the ranks must read (absolute)."""
-    keys = ["model.profile"] + (["data.train_file", "data.test_file"] if raw["data"]["source"] == "files" else [])
+    keys = ["model.profile", "data.proxy_file"] + (["data.train_file", "data.test_file"]
+                                                   if raw["data"]["source"] == "files" else [])
     found = {key: Path(get_key(raw, key)).resolve() for key in keys if get_key(raw, key)}
     name = raw["model"]["name"]
     if name not in BUNDLED and Path(name).exists():

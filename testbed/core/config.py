@@ -75,7 +75,12 @@ class DataConfig:
     `label_offset`); any other labels (`pos`, `neg`) get ids in the order `labels` lists them,
     else in sorted order of the training labels, and the run prints them and keeps them in
     `labels.json`. A test label the training data never has is refused. Files, columns and labels
-    are checked before the model loads."""
+    are checked before the model loads.
+
+    `proxy_file` is public data the server holds, apart from the devices' rows: a server-side probe
+    (FedPruner's `cka: server`; `adaptive` on a memory-starved device) reads it and nothing else.
+    It is read like `train_file` (the same columns, labels as the training data's ids), and a row
+    that is also a row of the training or test data (in the run's sample or not) is refused."""
 
     source: str = option("synthetic", choices=("synthetic", "files", "hub"),
                          doc="generated topic sentences (offline), local files, or a dataset on the Hugging Face hub")
@@ -89,6 +94,9 @@ class DataConfig:
                                      "directory (source: files)")
     test_file: str = option("", doc="CSV, TSV, TXT, JSON, JSONL or Parquet file, relative to the working "
                                     "directory (source: files)")
+    proxy_file: str = option("", doc="the server's public proxy set, which server-side probes run on: a file "
+                                     "read like train_file, whatever the source; default: none (the server "
+                                     "then reads no rows)")
     delimiter: str = option("", doc="field separator of .csv, .tsv and .txt files, one character ('\\t' for a "
                                     "tab); default: ',' for .csv, a tab for .tsv and .txt")
     text_columns: list[str] = option(["text"], doc="columns that make an example's text, joined with a space")

@@ -124,9 +124,12 @@ class FedPrunerOptions(StrategyConfig):
                             doc="the unit kept of each group: the most important, or one sampled in proportion to "
                                 "importance; random: K random units (a baseline)")
     regroup_every: int = option(1, lo=1, doc="rounds between probes")
-    probe_rows: int = option(32, lo=2, doc="rows of the batch the model is probed with")
-    cka: str = option("server", choices=("server", "device"),
-                      doc="who probes: the server on a proxy batch, or the devices on their own data")
+    probe_rows: int = option(32, lo=2, doc="rows a probe runs on: a seeded sample of each device's own training "
+                                           "rows, or of the server's proxy set")
+    cka: str = option("device", choices=("device", "server"),
+                      doc="who probes: the devices, each on its own rows, sent with their updates and averaged "
+                          "by samples (used from the next round; until the first arrive, the kept units are "
+                          "drawn at random); or the server, on the public proxy set data.proxy_file (required)")
 
 # The options of each strategy, by the name configs use (`strategy.name`).
 STRATEGY_OPTIONS: dict[str, type[StrategyConfig]] = {

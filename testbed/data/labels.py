@@ -22,8 +22,13 @@ def label_responses(splits: Splits, cfg: DataConfig) -> Splits:
         raise TestbedError(f"data.label_words: {len(words)} words for {splits.num_labels} labels")
     if len(set(words)) < len(words):
         raise TestbedError(f"data.label_words: lists a word twice ({', '.join(map(repr, words))})")
-    train, test = (dataclasses.replace(s, responses=[words[y] for y in s.labels]) for s in (splits.train, splits.test))
-    return dataclasses.replace(splits, train=train, test=test, options=list(words))
+
+    def answered(split: Split) -> Split:
+        return dataclasses.replace(split, responses=[words[y] for y in split.labels])
+
+    proxy = None if splits.proxy is None else answered(splits.proxy)
+    return dataclasses.replace(splits, train=answered(splits.train), test=answered(splits.test), proxy=proxy,
+                               options=list(words))
 
 
 def label_ids(train: Table, test: Table, cfg: DataConfig) -> tuple[Split, Split, list[str] | None]:
@@ -31,8 +36,7 @@ def label_ids(train: Table, test: Table, cfg: DataConfig) -> tuple[Split, Split,
     label_offset); others are named by `data.labels`, in its order, or else by the sorted
     training labels."""
     for table in (train, test):
-        if (row := next((i for i, v in enumerate(table.labels) if v is None or v == ""), None)) is not None:
-            raise TestbedError(f"{table.label_key}: {table.where} has no label in row {row + 1}")
+        _check_labelled(table)
     if not cfg.labels and all(_is_int(v) for v in train.labels):
         return Split(train.texts, _int_ids(train, cfg)), Split(test.texts, _int_ids(test, cfg)), None
     if cfg.label_offset:
@@ -48,6 +52,28 @@ def label_ids(train: Table, test: Table, cfg: DataConfig) -> tuple[Split, Split,
                                f"{str(bad)!r}, which is not among {known} ({', '.join(names)})")
     return (Split(train.texts, [ids[str(v)] for v in train.labels]),
             Split(test.texts, [ids[str(v)] for v in test.labels]), names)
+
+
+def labelled_like(table: Table, splits: Splits, cfg: DataConfig) -> Split:
+    """Another file's rows with the run's label ids: by name where the run's labels are strings,
+    else integers less label_offset; a label the run's data does not have is refused."""
+    if table.responses is not None:  # responses from a column: no labels
+        return Split(table.texts, table.labels, table.responses)
+    _check_labelled(table)
+    if splits.label_names is None:
+        ids = _int_ids(table, cfg)
+    else:
+        index = {name: i for i, name in enumerate(splits.label_names)}
+        ids = [index.get(str(v), -1) for v in table.labels]
+    if (row := next((r for r, i in enumerate(ids) if not 0 <= i < splits.num_labels), None)) is not None:
+        raise TestbedError(f"{table.label_key}: {table.where} has label {table.labels[row]!r} in row {row + 1}, "
+                           f"which the run's data does not have")
+    return Split(table.texts, ids)
+
+
+def _check_labelled(table: Table) -> None:
+    if (row := next((i for i, v in enumerate(table.labels) if v is None or v == ""), None)) is not None:
+        raise TestbedError(f"{table.label_key}: {table.where} has no label in row {row + 1}")
 
 
 def _is_int(value) -> bool:

@@ -22,6 +22,7 @@ class Splits:
     num_labels: int
     label_names: list[str] | None = None  # string labels, by id; None where the data's labels are integers
     options: list[str] | None = None  # task causal_lm: the closed set of responses (label words), by label id
+    proxy: Split | None = None  # data.proxy_file: the server's public rows, labelled like the training data
 
 
 @dataclass
@@ -77,3 +78,4 @@ class Dataset:
     shards: dict[str, Shard]
     synthetic: bool
     label_names: list[str] | None = None  # see Splits
+    proxy: Tokens | None = None  # the server's public proxy set (data.proxy_file); None in an agent process

@@ -98,10 +98,10 @@ class Inputs:
 
 def check_inputs(cfg: ExperimentConfig) -> Inputs:
     """Every check that needs no model (`testbed check`, and a run before its slow model load):
-    the devices, the strategy's options, the data (files, columns, labels) and its shards, and that
-    the model can be found."""
+    the devices, the strategy's options, the data (files, columns, labels; the proxy set) and its
+    shards, and that the model can be found."""
     devices = {d.name: d for d in devices_from_config(cfg.devices)}
-    STRATEGIES[cfg.strategy.name].check_options(cfg.strategy)
+    STRATEGIES[cfg.strategy.name].check_options(cfg)
     splits = load_splits(cfg.data, cfg.seed, cfg.task)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)
     for name, shard in shards.items():
@@ -123,9 +123,11 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     bb.placement = inputs.placement
     place(bb.model, bb.head_params(), bb.placement.device, DTYPES[cfg.model.dtype])
     chat = uses_chat(cfg, bb.tokenizer, quiet=agent)
+    # The proxy set is only for the server's probes: an agent does not tokenize it.
+    proxy = None if agent or splits.proxy is None else tokens(cfg, bb.tokenizer, splits.proxy, chat, splits.options)
     data = Dataset(tokens(cfg, bb.tokenizer, splits.train, chat, splits.options),
                    tokens(cfg, bb.tokenizer, splits.test, chat, splits.options),
-                   splits.num_labels, inputs.shards, cfg.data.source == "synthetic", splits.label_names)
+                   splits.num_labels, inputs.shards, cfg.data.source == "synthetic", splits.label_names, proxy)
     info = model_info(bb)
     if agent:
         return Experiment(cfg, bb, info, data, devices, None)

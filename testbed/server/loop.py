@@ -33,7 +33,8 @@ from testbed.server.strategies.base import Context, Strategy
 
 def make_strategy(exp: Experiment) -> Strategy:
     samples = {d: len(s.train) for d, s in exp.data.shards.items()}
-    ctx = Context(exp.cfg, exp.info, exp.devices, samples, exp.cost, functools.partial(server_probe, exp))
+    probe = None if exp.data.proxy is None else functools.partial(server_probe, exp)
+    ctx = Context(exp.cfg, exp.info, exp.devices, samples, exp.cost, probe)
     return STRATEGIES[exp.cfg.strategy.name](ctx)
 
 
@@ -45,11 +46,11 @@ def initial_state(exp: Experiment, strategy: Strategy) -> GlobalState:
 
 
 def server_probe(exp: Experiment, state: GlobalState, rows: int, blocks: bool) -> LayerProbe:
-    """Probe the global model (by layer, or by block) on a proxy batch: a fixed, seeded sample
-    of the training rows (standing in for the public data a real server would hold)."""
-    idx = random.Random(exp.cfg.seed).sample(range(len(exp.data.train)), min(rows, len(exp.data.train)))
-    return probe_layers(exp.bb, state.lora, state.head, exp.data.train.take(sorted(idx)), exp.cfg.model.lora,
-                        blocks)
+    """Probe the global model (by layer, or by block) on a fixed, seeded sample of the run's public
+    proxy set (data.proxy_file): the only rows a real server holds, so never the devices'."""
+    proxy = exp.data.proxy
+    idx = random.Random(exp.cfg.seed).sample(range(len(proxy)), min(rows, len(proxy)))
+    return probe_layers(exp.bb, state.lora, state.head, proxy.take(sorted(idx)), exp.cfg.model.lora, blocks)
 
 
 SPEED_EMA = 0.5  # weight of the previous estimate in the moving average of device speeds

@@ -21,7 +21,9 @@ its memory and meets the deadline with the most LoRA capacity (rank x (1 - p) su
 trained layers, then depth), then the least dropout, among:
 
 - layers: all of them; where no plan over all layers fits the device's memory, FedPruner's
-  submodel (the most layers that fit, one kept per group of alike layers, probed on the server);
+  submodel (the most layers that fit, one kept per group of alike layers, probed by the server
+  on the run's public proxy set, `data.proxy_file`; without one the layers are drawn at random,
+  for the server holds no other rows);
 - depth and ranks: every depth and ramp of LEGEND's (its options apply but `choose`; `below` is
   `frozen` by default here, unlike LEGEND's `none`: the layers under the depth then run the
   global LoRA forward only, which is what dropout skips by default);
@@ -57,7 +59,8 @@ class Adaptive(Strategy):
         return top_rank(cfg)  # as LEGEND: the top layer's rank
 
     @classmethod
-    def check_options(cls, opts) -> None:
+    def check_options(cls, cfg) -> None:
+        opts = cfg.strategy
         if not opts.factors or any(f <= 0 for f in opts.factors):
             raise TestbedError(f"strategy.factors: expected positive numbers, got {opts.factors}")
         if not opts.drops or any(not 0 <= p < 1 for p in opts.drops):
@@ -67,7 +70,7 @@ class Adaptive(Strategy):
         super().__init__(ctx)
         # FedPruner (its default options) picks the submodel of a device whose memory is too small.
         self.pruner = Pruner(ctx, FedPrunerOptions(name=FedPruner.name), fine=False)
-        self.probe: LayerProbe | None = None  # the pruner's probe of the global model
+        self.probe: LayerProbe | None = None  # the pruner's probe of the global model (on the proxy set)
         self.probed = -1  # the round whose global model it probed
         self.bandit = Bandit(len(self.opts.factors) + self.opts.full_arm, self.opts.bandit, self.opts.epsilon)
         self.rng = random.Random(ctx.cfg.seed)
@@ -81,7 +84,8 @@ class Adaptive(Strategy):
 
     def plan(self, round: int, available: list[str], state: GlobalState) -> dict[str, Plan]:
         chosen = self.sample(round, available)
-        if any(self.starved(d) for d in chosen):  # their submodels are chosen on the model they will start from
+        # Starved devices' submodels are chosen on the model they will start from (at random without a proxy set).
+        if self.ctx.probe and any(self.starved(d) for d in chosen):
             self.probe, self.probed = self.ctx.probe(state, self.pruner.opts.probe_rows, False), round
         spaces = {d: self.space(d) for d in chosen}
         if not self.relaxed:

@@ -15,7 +15,6 @@ from typing import Callable
 from testbed.comm.transport import Failure
 from testbed.core.config import ExperimentConfig
 from testbed.core.devices import Device
-from testbed.core.options import StrategyConfig
 from testbed.core.plan import LayerProbe, Plan, Report, Update
 from testbed.core.state import GlobalState
 from testbed.model.info import ModelInfo
@@ -32,7 +31,9 @@ class Context:
     devices: dict[str, Device]
     samples: dict[str, int]  # training rows per device
     cost: CostModel
-    probe: Callable[[GlobalState, int, bool], LayerProbe]  # the server's probe of a global model: rows, blocks
+    # The server's probe of a global model (rows, blocks) on the run's public proxy set; None where the
+    # run has none (data.proxy_file), for the server holds no other rows.
+    probe: Callable[[GlobalState, int, bool], LayerProbe] | None
 
 
 class Strategy(abc.ABC):
@@ -45,8 +46,9 @@ class Strategy(abc.ABC):
         self.opts = ctx.cfg.strategy
 
     @classmethod
-    def check_options(cls, opts: StrategyConfig) -> None:
-        """Refuse options the config's ranges cannot (TestbedError); run before the model loads."""
+    def check_options(cls, cfg: ExperimentConfig) -> None:
+        """Refuse options (cfg.strategy) that the config's ranges cannot, alone or with the rest of
+        the config (TestbedError); run before the model loads."""
 
     @classmethod
     def max_rank(cls, cfg: ExperimentConfig) -> int:

@@ -40,8 +40,8 @@ class DropPEFT(Strategy):
     name = "droppeft"
 
     @classmethod
-    def check_options(cls, opts) -> None:
-        for shape in opts.shapes:
+    def check_options(cls, cfg) -> None:
+        for shape in cfg.strategy.shapes:
             cls.arm(shape, 0.0, 1)  # refuses a shape it does not know
 
     def __init__(self, ctx):

@@ -3,19 +3,19 @@
 Reconstructed from arXiv 2508.17209; every guess is an option.  Units are the transformer
 layers (`fedpruner`) or each layer's attention block and FFN block (`fedpruner_fine`: a kept
 layer may run only one of them).  Every `regroup_every` rounds the units are probed: by the
-server on a small proxy batch of the global model (`cka: server`: spares small devices a
-full-model pass), or by the devices on rows of their own data, sent with their updates and
-averaged by samples (`cka: device`: used from the next round; before any arrives, the kept
-units are drawn at random).  For each device, K = the
-most units whose selected submodel the cost model says fits its memory budget; the units are
-partitioned into K groups by the linear CKA of their outputs (contiguous segments cut where
-adjacent units are least alike, or agglomerative graph clustering), and one unit per group
-is kept, the most important (loss increase when skipped, or 1 - cosine of input and output),
-or one sampled in proportion to importance.  `selection: random` keeps K random units (a
-baseline).  A layer carries LoRA when the blocks it runs hold all of its LoRA modules (so
-with query/value targets, an FFN-only layer runs frozen and its LoRA never travels).  The
-device holds and trains only its kept units; each original layer is averaged over the
-devices that trained it.
+devices on rows of their own data, sent with their updates and averaged by samples (`cka:
+device`, the default: used from the next round; until the first probes arrive, round 0 among
+them, the kept units are drawn at random), or by the server on the public proxy set the run
+names (`cka: server`, which needs `data.proxy_file`: spares small devices a full-model pass;
+the server holds no other rows).  For each device, K = the most units whose selected submodel
+the cost model says fits its memory budget; the units are partitioned into K groups by the
+linear CKA of their outputs (contiguous segments cut where adjacent units are least alike, or
+agglomerative graph clustering), and one unit per group is kept, the most important (loss
+increase when skipped, or 1 - cosine of input and output), or one sampled in proportion to
+importance.  `selection: random` keeps K random units (a baseline).  A layer carries LoRA when
+the blocks it runs hold all of its LoRA modules (so with query/value targets, an FFN-only
+layer runs frozen and its LoRA never travels).  The device holds and trains only its kept
+units; each original layer is averaged over the devices that trained it.
 """
 from __future__ import annotations
 
@@ -127,6 +127,12 @@ def probe_from_dict(state: dict | None) -> LayerProbe | None:
 class FedPruner(Strategy):
     name = "fedpruner"
     fine = False  # units are layers; fedpruner_fine: attention and FFN blocks
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        if cfg.strategy.cka == "server" and not cfg.data.proxy_file:
+            raise TestbedError("strategy.cka: server probes on public rows the server holds, and data.proxy_file "
+                               "names none; name a proxy set there, or use strategy.cka: device")
 
     def __init__(self, ctx):
         super().__init__(ctx)
