@@ -87,23 +87,28 @@ class AdaptiveOptions(DepthRankOptions):
 
 @dataclass
 class DropPEFTOptions(StrategyConfig):
-    shapes: list[str] = option(["uniform", "rising"], doc="uniform: p everywhere; rising: p_l = p_max (l+1)/L; "
-                                                          "falling: p_l = p_max (L-l)/L")
-    maxima: list[float] = option([0.0, 0.2, 0.4, 0.6], doc="the p (or p_max) of each arm")
+    shapes: list[str] = option(["uniform"], doc="the arms' shapes: uniform: p everywhere; rising: p_l = p_max (l+1)/L; "
+                                                "falling: p_l = p_max (L-l)/L")
+    maxima: list[float] = option([0.0, 0.2, 0.4, 0.6], doc="the p (or p_max) of each arm; arms = shapes x maxima, "
+                                                           "each tried once before a bandit exploits")
     bandit: str = option("ucb1", choices=("ucb1", "epsilon", "thompson"), doc="how a bandit picks an arm")
     epsilon: float = option(0.1, lo=0, hi=1, doc="exploration rate of bandit: epsilon")
-    bandit_per: str = option("device", choices=("device", "class"), doc="a bandit per device, or one per device class")
+    bandit_per: str = option("class", choices=("class", "device"),
+                             doc="a bandit per device class, whose devices run one arm a round, or one per device")
     reward: str = option("accuracy", choices=("accuracy", "loss"),
-                         doc="validation accuracy gain, or loss drop, per second (see reward_time)")
+                         doc="the devices' validation accuracy gain, or loss drop, in their local training, "
+                             "per second (see reward_time)")
     reward_baseline: str = option("round_mean", choices=("round_mean", "none"),
-                                  doc="subtract the round's mean reward across devices: early rounds gain "
-                                      "more whatever the arm, and would otherwise decide the bandit")
-    straggler: str = option("clamp", choices=("clamp", "none"),
-                            doc="clamp: a device runs the least dropout that finishes within the slowest "
-                                "predicted round among the chosen arms; none: every device runs its arm")
-    reward_time: str = option("round", choices=("round", "device"),
-                              doc="the seconds a reward is divided by: the round's (its slowest device) "
-                                  "or the device's own")
+                                  doc="round_mean: a group's gain per second less the round's mean over the groups, "
+                                      "divided by the round's mean magnitude (early rounds gain more whatever the "
+                                      "arm); none: the gain per second itself")
+    straggler: str = option("pace", choices=("pace", "clamp", "none"),
+                            doc="pace: the group whose fastest arm is slowest picks the round's arm, the others run "
+                                "the least dropout that finishes within its round; clamp: every group picks and "
+                                "each runs the least dropout within the slowest pick's round; none: each runs its pick")
+    reward_time: str = option("device", choices=("device", "round"),
+                              doc="the seconds a gain is divided by: its group's own (at the reference device's "
+                                  "speed), or the round's (its slowest device's), the same for every group")
     personal_k: int = option(0, lo=0, doc="layers whose LoRA stays on the devices (PTLS); 0 = none: the global "
                                         "model, which accuracy is measured on, then holds every layer's LoRA")
     personal_by: str = option("top", choices=("top", "drift"),
