@@ -146,8 +146,9 @@ def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> No
     simulates them)."""
     folder.mkdir(parents=True, exist_ok=True)
     for rank, j in joined.items():
+        saved = folder / f"rank-{rank}.yaml"
         if j.profile is not None:
-            j.profile.save(folder / f"rank-{rank}.yaml")
+            j.profile.save(saved)
         speed = j.profile.speed(exp.cost.profile) if j.profile else 0.0
         log.info("rank %d (%s): on %s, %s link %.0f Mbit/s, %.2f ms", rank, ", ".join(j.devices) or "no device",
                  j.device or "an unnamed device", f"{speed:.2f}x the reference," if speed else "not profiled,",
@@ -163,7 +164,8 @@ def use_measured(exp: Experiment, joined: dict[int, Joined], folder: Path) -> No
             continue
         for name in j.devices:
             device = exp.devices[name]
-            device.speed = speed or device.speed
+            if speed:  # measured in the run's precision: the cost model adds no class speedup
+                device.speed, device.profile = speed, str(saved)
             device.bandwidth_mbit, device.latency_ms = j.bandwidth_mbit, j.latency_ms
 
 

@@ -14,8 +14,10 @@ from testbed.model.residency import hold
 from testbed.model.tiny import tiny_config
 
 
-def experiment(tiny_bert, precision: str, dtype: str):
-    return setup(from_dict(tiny_config(tiny_bert, **{"train.precision": precision, "model.dtype": dtype})))
+def experiment(tiny_bert, precision: str, dtype: str, devices: dict | None = None):
+    """Devices whose classes have both half precisions (a TX2 has no bf16)."""
+    return setup(from_dict(tiny_config(tiny_bert, **{"train.precision": precision, "model.dtype": dtype,
+                                                     "devices": devices or {"laptop": 2, "orin-nano": 1}})))
 
 
 def memorise(exp, rounds: int = 2) -> list:
@@ -45,7 +47,8 @@ def test_half_precision_trains_and_what_leaves_the_device_is_float32(tiny_bert, 
 
 
 def test_an_agent_reads_its_layers_in_the_base_dtype(tiny_bert):
-    exp = setup(from_dict(tiny_config(tiny_bert, **{"train.precision": "bf16", "model.dtype": "bfloat16"})), agent=True)
+    exp = setup(from_dict(tiny_config(tiny_bert, **{"train.precision": "bf16", "model.dtype": "bfloat16",
+                                                    "devices": {"laptop": 1}})), agent=True)
 
     def query(layer: int) -> torch.Tensor:
         return exp.bb.layers[layer].attention.self.query.weight
@@ -87,3 +90,26 @@ def test_fp32_placement_changes_nothing():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
     assert place.inputs(batch)["input_ids"] is batch["input_ids"]  # already on the device: not copied
+
+
+def test_the_cost_model_times_each_class_in_the_runs_precision(tiny_bert):
+    """A class's half-precision speedup against the reference's at the profile's precision
+    (testbed/core/devices.py): an Orin's bf16 step is quicker than its fp32 one, a laptop's fp16 is
+    slower; a class without the precision is refused, naming the device."""
+    devices = {"laptop": 1, "orin-nano": 1}
+    runs = {(p, d): experiment(tiny_bert, p, d, devices) for p, d in
+            (("fp32", "float32"), ("bf16", "float32"), ("bf16", "bfloat16"), ("fp16", "float32"))}
+    plan = Plan(ranks={0: 4, 1: 4}, batch_size=8)
+
+    def step(run: tuple[str, str], device: str) -> float:
+        exp = runs[run]
+        return exp.cost.step_seconds(exp.devices[device], plan)
+
+    fp32 = ("fp32", "float32")
+    assert step(("bf16", "float32"), "orin-nano-0") == pytest.approx(step(fp32, "orin-nano-0") / 2.0)
+    assert step(("bf16", "bfloat16"), "orin-nano-0") == step(("bf16", "float32"), "orin-nano-0")  # autocast's, either base
+    assert step(("fp16", "float32"), "laptop-0") == pytest.approx(step(fp32, "laptop-0") / 0.08)
+    with pytest.raises(TestbedError, match=r"devices.jetson-tx2: jetson-tx2 has no bf16 \(it has fp32, fp16\)"):
+        check_inputs(from_dict(tiny_config(tiny_bert, **{"train.precision": "bf16"})))
+    with pytest.raises(TestbedError, match="model.dtype: a bfloat16 base runs under a half train.precision"):
+        from_dict(tiny_config(tiny_bert, **{"model.dtype": "bfloat16"}))  # fp32 inputs cannot meet half weights

@@ -77,6 +77,11 @@ def test_a_device_described_by_its_own_profile_takes_its_speed_and_link(tiny_ber
                                                                 "profile": str(tmp_path / "board.yaml")}}))
     with pytest.raises(TestbedError, match="devices.board: speed and profile both set"):
         devices_from_config(both.devices)
+    # Its speed is its profile's precision's: a run in another precision is refused, naming the file.
+    bf16 = {"devices": {"board": {"device_class": "jetson-tx2", "profile": str(tmp_path / "board.yaml")}},
+            "train.precision": "bf16"}
+    with pytest.raises(TestbedError, match=r"board.yaml: measured at fp32, and the run trains in bf16"):
+        setup(from_dict(tiny_config(tiny_bert, **bf16)))
 
 
 def test_rank_interpolation():

@@ -60,7 +60,8 @@ class ModelConfig:
                                      "a CUDA device, else the CPU), cpu, cuda, cuda:N or mps; an inventory's "
                                      "testbed_device overrides it per host")
     dtype: str = option("float32", choices=("float32", "bfloat16", "float16"),
-                        doc="the dtype the frozen base model is held in; LoRA factors and the head stay float32")
+                        doc="the dtype the frozen base model is held in (a half one needs a half train.precision); "
+                            "LoRA factors and the head stay float32")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -273,6 +274,9 @@ def from_dict(raw: dict, source: str = "<config>") -> ExperimentConfig:
         for key in CAUSAL_LM_KEYS:
             if getattr(cfg.data, key):
                 raise TestbedError(f"{source}: data.{key}: applies to task causal_lm, not {cfg.task}")
+    if cfg.model.dtype != "float32" and cfg.train.precision == "fp32":  # fp32 inputs cannot meet half weights
+        raise TestbedError(f"{source}: model.dtype: a {cfg.model.dtype} base runs under a half train.precision "
+                           "(bf16 or fp16), not fp32")
     return cfg
 
 

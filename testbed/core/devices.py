@@ -15,7 +15,7 @@ measure their link when they join.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.core.config import DeviceSpec, did_you_mean
@@ -31,6 +31,9 @@ class DeviceClass:
     latency_ms: float
     idle_w: float  # the device's draw while it waits or transfers (its radio's draw is counted in idle)
     busy_w: float  # its draw while it trains, validates or probes
+    # How many times faster than fp32 a step runs under each half precision (train.precision) the
+    # class supports; a precision missing here is one it lacks.
+    half: dict[str, float] = field(default_factory=dict)
 
     def energy_j(self, busy_s: float, span_s: float) -> float:
         """Joules over `span_s` seconds of which `busy_s` compute, idle for the rest (a span
@@ -38,31 +41,48 @@ class DeviceClass:
         return self.busy_w * busy_s + self.idle_w * max(span_s - busy_s, 0.0)
 
 
+# Half-precision speedups.  The reference's are measured (MiniLM LoRA steps, `testbed profile
+# --precision`, 1 thread, medians of 3: bf16 2.4x, fp16 0.08x: its CPU has bf16 instructions, and
+# fp16 is emulated).  The others are assumptions from the chips' data sheets, discounted because a
+# small-batch LoRA step is not all matrix products: Pascal (TX2) has fp16 at twice its FP32 rate
+# and no bf16 (1.5x); Volta (Xavier NX) has fp16 tensor cores and no bf16 (2x); Ampere (Orin)
+# has both (2x); a laptop's AVX2 CPU has neither natively (bf16 1x, fp16 as the reference's).
 CLASSES = {c.name: c for c in [
     # The reference itself (measured): 2 vCPUs, AVX-512, 2 torch threads.  Power: its share of a
     # two-socket server that draws about 200 W idle and 500 W busy over 128 vCPUs: 3 / 8 W.
-    DeviceClass("reference", 1.0, 4096, 1000, 0.2, idle_w=3.0, busy_w=8.0),
+    DeviceClass("reference", 1.0, 4096, 1000, 0.2, idle_w=3.0, busy_w=8.0, half={"bf16": 2.4, "fp16": 0.08}),
     # A laptop: 4 cores of a mobile x86 CPU with AVX2, about twice the reference's cores at a
     # similar per-core vector width (assumed 2x).  Power: about 5 W idle with the screen off, and a
     # 28 W mobile CPU's sustained package power plus the rest of the machine busy: 5 / 30 W.
-    DeviceClass("laptop", 2.0, 4096, 200, 5.0, idle_w=5.0, busy_w=30.0),
+    DeviceClass("laptop", 2.0, 4096, 200, 5.0, idle_w=5.0, busy_w=30.0, half={"bf16": 1.0, "fp16": 0.08}),
     # Jetson TX2: 256 Pascal CUDA cores x 2 FLOP x 1.30 GHz = 0.67 TFLOPS FP32; 8 GB LPDDR4
     # shared with the CPU (NVIDIA Jetson TX2 module data sheet).  0.67e3 x 0.3 / 106 = 1.9.
     # Power: its 7.5 W (Max-Q) and 15 W (Max-P) modes taken as idle and busy.
-    DeviceClass("jetson-tx2", 1.9, 1536, 20, 20.0, idle_w=7.5, busy_w=15.0),
+    DeviceClass("jetson-tx2", 1.9, 1536, 20, 20.0, idle_w=7.5, busy_w=15.0, half={"fp16": 1.5}),
     # Jetson Orin Nano 8GB: 1024 Ampere CUDA cores x 2 x 0.625 GHz = 1.28 TFLOPS FP32; 8 GB
     # LPDDR5 shared (Jetson Orin Nano series data sheet).  1.28e3 x 0.3 / 106 = 3.6.
     # Power: its 7 W and 15 W modes taken as idle and busy.
-    DeviceClass("orin-nano", 3.6, 3072, 50, 10.0, idle_w=7.0, busy_w=15.0),
+    DeviceClass("orin-nano", 3.6, 3072, 50, 10.0, idle_w=7.0, busy_w=15.0, half={"bf16": 2.0, "fp16": 2.0}),
     # Jetson Xavier NX: 384 Volta CUDA cores x 2 x 1.1 GHz = 0.85 TFLOPS FP32; 8 GB LPDDR4x
     # shared (Jetson Xavier NX data sheet).  0.85e3 x 0.3 / 106 = 2.4.
     # Power: its 10 W and 20 W modes taken as idle and busy.
-    DeviceClass("xavier-nx", 2.4, 3072, 50, 10.0, idle_w=10.0, busy_w=20.0),
+    DeviceClass("xavier-nx", 2.4, 3072, 50, 10.0, idle_w=10.0, busy_w=20.0, half={"fp16": 2.0}),
     # Jetson AGX Orin 32GB: 1792 Ampere CUDA cores x 2 x 0.93 GHz = 3.33 TFLOPS FP32; 32 GB
     # LPDDR5 shared (Jetson AGX Orin series data sheet).  3.33e3 x 0.3 / 106 = 9.4.
     # Power: 15 W (its lowest mode) idle, 60 W (MAXN) busy.
-    DeviceClass("agx-orin", 9.4, 12288, 200, 5.0, idle_w=15.0, busy_w=60.0),
+    DeviceClass("agx-orin", 9.4, 12288, 200, 5.0, idle_w=15.0, busy_w=60.0, half={"bf16": 2.0, "fp16": 2.0}),
 ]}
+
+
+def precision_speedup(device_class: str, precision: str) -> float:
+    """How many times faster than fp32 a class computes in `precision` (fp32, bf16, fp16)."""
+    if precision == "fp32":
+        return 1.0
+    half = CLASSES[device_class].half
+    if precision not in half:
+        raise TestbedError(f"{device_class} has no {precision} (it has {', '.join(['fp32', *half])}): "
+                           "see train.precision")
+    return half[precision]
 
 
 @dataclass

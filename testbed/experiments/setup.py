@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from testbed.core.config import CAUSAL_LM, ExperimentConfig, ModelConfig
-from testbed.core.devices import Device, devices_from_config
+from testbed.core.devices import Device, devices_from_config, precision_speedup
+from testbed.core.errors import TestbedError
 from testbed.core.hub import check_model_name
 from testbed.data import (Dataset, Shard, Split, Splits, Tokens, load_splits,
                           partition, tokenize, tokenize_instructions)
@@ -37,12 +38,17 @@ def reference_profile(cfg: ModelConfig, info: ModelInfo) -> DeviceProfile:
     return analytic_profile(info, cfg.name, cfg.max_length, REFERENCE_GFLOPS)
 
 
-def measured_devices(devices: dict[str, Device], reference: DeviceProfile, info: ModelInfo) -> None:
+def measured_devices(devices: dict[str, Device], reference: DeviceProfile, info: ModelInfo, precision: str) -> None:
     """Devices described by a profile measured on them (`profile`): their speed relative to the
-    reference profile, and their link where the profile measured one."""
+    reference profile, and their link where the profile measured one.  The profile must be
+    measured at the run's precision, for its speed is that precision's."""
     for d in devices.values():
         if d.profile:
             measured = load_profile(Path(d.profile), info)  # refused if measured on another model
+            if measured.precision != precision:
+                raise TestbedError(f"{d.profile}: measured at {measured.precision}, and the run trains in "
+                                   f"{precision} (train.precision): measure {d.name} with "
+                                   f"`testbed profile --precision {precision}`")
             d.speed = measured.speed(reference)
             if measured.bandwidth_mbit:
                 d.bandwidth_mbit, d.latency_ms = measured.bandwidth_mbit, measured.latency_ms
@@ -101,6 +107,12 @@ def check_inputs(cfg: ExperimentConfig) -> Inputs:
     the devices, the strategy's options, the data (files, columns, labels; the proxy set) and its
     shards, and that the model can be found."""
     devices = {d.name: d for d in devices_from_config(cfg.devices)}
+    for key, spec in cfg.devices.items():  # the cost model times each class in the run's precision
+        if not spec.profile:
+            try:
+                precision_speedup(spec.device_class or key, cfg.train.precision)
+            except TestbedError as exc:
+                raise TestbedError(f"devices.{key}: {exc}") from None
     STRATEGIES[cfg.strategy.name].check_options(cfg)
     splits = load_splits(cfg.data, cfg.seed, cfg.task)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)
@@ -134,7 +146,7 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     activations = measure_activations(bb, cfg.model.lora, cfg.model.max_length)
     head_shapes = {n: tuple(p.shape) for n, p in bb.head_params().items()}
     profile = reference_profile(cfg.model, info)
-    measured_devices(devices, profile, info)
+    measured_devices(devices, profile, info, cfg.train.precision)
     cost = CostModel(info, cfg.model.max_length, activations, head_shapes, profile, getattr(torch, cfg.wire.dtype),
-                     DTYPES[cfg.model.dtype])
+                     DTYPES[cfg.model.dtype], cfg.train.precision)
     return Experiment(cfg, bb, info, data, devices, cost)

@@ -14,7 +14,8 @@ Strategies reason about devices only through this.
   FLOPs where no profile fits the model): forward of every layer that runs (with LoRA at the
   plan's rank, or without LoRA), backward only at or above the lowest trained LoRA layer, each weighted by
   the probability the layer runs, scaled linearly in tokens per step and divided by the
-  device's speed factor relative to the profiled device.
+  device's speed factor relative to the profiled device, and by its class's speedup in the
+  run's half precision (`train.precision`; testbed/core/devices.py).
 - Blocks: a layer running only its attention or only its FFN holds that block's parameters
   and saves that block's activations (both counted on the real model); its seconds are the
   layer's times the block's share of the layer's FLOPs (2 x parameters per token, plus the
@@ -37,7 +38,7 @@ import torch
 
 from testbed.comm.framing import LENGTH_PREFIX
 from testbed.comm.wire import packed_size, plan_message, update_message
-from testbed.core.devices import Device
+from testbed.core.devices import Device, precision_speedup
 from testbed.core.plan import (BOTH, HeadState, LayerProbe, LoraState, Plan,
                                Update)
 from testbed.measure.activations import Activations
@@ -70,6 +71,16 @@ class CostModel:
     profile: DeviceProfile
     wire_dtype: torch.dtype = torch.float32
     base_dtype: torch.dtype = torch.float32  # model.dtype: the frozen base's; LoRA and the head are float32
+    precision: str = "fp32"  # train.precision: what a step's matrix products run in
+
+    def rate(self, device: Device) -> float:
+        """How many times faster than the profile `device` computes: its speed, and its class's
+        half-precision speedup against the reference class's at the profile's precision.  A
+        device measured itself (at the run's precision: set-up checks) has it in its speed."""
+        if device.profile:
+            return device.speed
+        return (device.speed * precision_speedup(device.device_class, self.precision)
+                / precision_speedup("reference", self.profile.precision))
 
     def step_seconds(self, device: Device, plan: Plan) -> float:
         p, n = self.profile, self.info.num_layers
@@ -82,7 +93,7 @@ class CostModel:
             backward = at_rank(p.backward_s, max(rank, 1), layer) if layer >= lowest else 0.0
             seconds += running[layer] * (forward + backward) * self.block_share(plan.block(layer))
         tokens = plan.batch_size * self.seq_len / (p.batch_size * p.seq_len)
-        return seconds * tokens / device.speed
+        return seconds * tokens / self.rate(device)
 
     def block_share(self, block: str) -> float:
         """The fraction of a layer's FLOPs in `block` (1 for both)."""
@@ -101,7 +112,7 @@ class CostModel:
         layers = sum(p.forward_frozen_s)
         passes = 1 + n * (2 if plan.probe_blocks else 1)  # each pass after the first skips one unit:
         seconds = passes * (p.embed_s + layers) - layers  # together, the whole model's layers once
-        return seconds * plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len) / device.speed
+        return seconds * plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len) / self.rate(device)
 
     def validation_seconds(self, device: Device, plan: Plan) -> float:
         """Validating the device's model on its validation rows, before and after training (0 if
@@ -116,7 +127,7 @@ class CostModel:
             layer_s = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
             forward += layer_s * self.block_share(plan.block(layer))
         tokens = rows * self.seq_len / (p.batch_size * p.seq_len)
-        return 2 * forward * tokens / device.speed
+        return 2 * forward * tokens / self.rate(device)
 
     def busy_seconds(self, device: Device, plan: Plan) -> float:
         """The seconds the device computes in a round: training, the probe and validation."""
