@@ -10,7 +10,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
 SYSTEM_PACKAGES := openssh-server openssh-client iputils-ping iproute2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-llm clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,17 @@ bench: install
 		$(BIN)/python $$b $$args > bench/results/$$n.out; tail -n 1 bench/results/$$n.out | tee bench/results/$$n.json; \
 	done; \
 	echo "make bench: $$(( $$(date +%s) - start )) s; the study's report: $(STUDY)/report.md"
+
+# The methods on the bundled SmolLM2 (about 3 h: run it in the background).  Each study's
+# report.md, report.json and plots are kept in git (.gitignore); its run directories are not.
+LLM_STUDIES := study-llm study-llm80
+
+bench-llm: install
+	@set -e; start=$$(date +%s); \
+	for s in $(LLM_STUDIES); do \
+		$(BIN)/testbed compare examples/$$s.yaml --out bench/results/$$s; \
+	done; \
+	echo "make bench-llm: $$(( $$(date +%s) - start )) s; reports: $(foreach s,$(LLM_STUDIES),bench/results/$(s)/report.md)"
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -146,3 +146,40 @@ def test_flop_counts_charge_a_causal_lm_head_on_every_token(tiny_decoders):
                                                              task=task)), "tiny", 32, 100.0).head_s
              for task in ("classification", "causal_lm")}
     assert heads["causal_lm"] > 16 * heads["classification"]  # every one of a row's 32 tokens, not once a row
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_token_options_are_scored_in_the_loss_pass_as_a_scoring_pass_scores_them(tiny_decoders, family):
+    """Label words of one token each: the loss's pass (prompt, response and padding) gives every
+    option the log-likelihood a pass over the prompt alone gives it, row for row."""
+    from testbed.experiments.setup import setup
+    from testbed.measure.evaluate import first_token_scores
+
+    exp = setup(from_dict(tiny_config(tiny_decoders[family], **LM)))
+    tokens, bb = exp.data.test, exp.bb
+    options = tokens.choices.options
+    assert all(len(o) == 1 for o in options)
+    rows = list(range(16))
+    bb.model.eval()  # no dropout: the two passes must see one model
+    with torch.no_grad():
+        logits = bb.model(**tokens.take(rows)).logits
+        prompts = [tokens.input_ids[i, : tokens.choices.prompt_lengths[i]].tolist() for i in rows]
+        alone = option_logliks(bb.model, prompts, options, bb.tokenizer.pad_token_id, batch_size=16)
+    assert torch.allclose(first_token_scores(logits, tokens, rows), alone, atol=1e-4)
+
+
+def test_validation_is_charged_the_passes_its_options_take(tiny_decoders):
+    """One-token label words are scored in the loss's pass; longer ones take a second pass, which
+    the cost model charges."""
+    import dataclasses
+
+    from testbed.core.plan import Plan
+    from testbed.experiments.setup import setup
+
+    seconds = {}
+    for name, words in (("one", WORDS), ("several", [f"{w} news today" for w in WORDS])):
+        exp = setup(from_dict(tiny_config(tiny_decoders["llama"], **{**LM, "data.label_words": words})))
+        device = dataclasses.replace(exp.devices["laptop-0"], val_rows=40)
+        seconds[name] = exp.cost.validation_seconds(device, Plan(ranks={0: 4, 1: 4}, validate=True))
+        assert exp.cost.eval_passes == (1 if name == "one" else 2)
+    assert seconds["several"] == pytest.approx(2 * seconds["one"])

@@ -147,6 +147,8 @@ def setup(cfg: ExperimentConfig, agent: bool = False, inputs: Inputs | None = No
     head_shapes = {n: tuple(p.shape) for n, p in bb.head_params().items()}
     profile = reference_profile(cfg.model, info)
     measured_devices(devices, profile, info, cfg.train.precision)
+    choices = data.train.choices  # options of several tokens take a scoring pass of their own
+    passes = 2 if choices is not None and any(len(o) > 1 for o in choices.options) else 1
     cost = CostModel(info, cfg.model.max_length, activations, head_shapes, profile, getattr(torch, cfg.wire.dtype),
-                     DTYPES[cfg.model.dtype], cfg.train.precision)
+                     DTYPES[cfg.model.dtype], cfg.train.precision, passes)
     return Experiment(cfg, bb, info, data, devices, cost)

@@ -49,15 +49,32 @@ def classification_metrics(model: nn.Module, tokens: Tokens, idx: list[int], bat
 
 def language_model_metrics(model: nn.Module, tokens: Tokens, idx: list[int], batch_size: int,
                            pad_id: int, placement: Placement) -> dict[str, float | None]:
-    loss_sum, counted = 0.0, 0
+    """Options of one token each (label words, letters) are chosen in the loss's own pass: the
+    logits at a prompt's last position score them, as a pass over the prompt alone would (a causal
+    model's earlier positions do not see later tokens).  Longer options take a scoring pass."""
+    loss_sum, counted, chosen = 0.0, 0, []
+    single = tokens.choices is not None and all(len(o) == 1 for o in tokens.choices.options)
     for start in range(0, len(idx), batch_size):
-        batch = placement.inputs(tokens.take(idx[start:start + batch_size]))
+        rows = idx[start:start + batch_size]
+        batch = placement.inputs(tokens.take(rows))
         targets = int((batch["labels"][:, 1:] != -100).sum())  # the model's loss is their mean
-        loss_sum += model(**batch).loss.item() * targets
+        out = model(**batch)
+        loss_sum += out.loss.item() * targets
         counted += targets
+        if single:
+            chosen.append(first_token_scores(out.logits, tokens, rows).argmax(-1))
     loss = loss_sum / max(counted, 1)
     accuracy = None
     if tokens.choices is not None and idx:
-        chosen = choose(model, tokens, idx, pad_id, batch_size, placement.device)
+        chosen = torch.cat(chosen) if single else choose(model, tokens, idx, pad_id, batch_size, placement.device)
         accuracy = (chosen == tokens.choices.answers[idx]).float().mean().item()
     return {"accuracy": accuracy, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}  # finite if diverged
+
+
+def first_token_scores(logits: torch.Tensor, tokens: Tokens, rows: list[int]) -> torch.Tensor:
+    """(rows, options): log p(option | prompt) of one-token options, from the logits at each
+    row's last prompt position."""
+    last = (tokens.choices.prompt_lengths[rows] - 1).to(logits.device)
+    options = torch.tensor([o[0] for o in tokens.choices.options], device=logits.device)
+    at_last = logits[torch.arange(len(rows), device=logits.device), last].float().log_softmax(-1)
+    return at_last[:, options].cpu()

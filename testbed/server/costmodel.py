@@ -25,7 +25,8 @@ Strategies reason about devices only through this.
   skipped units, together one pass of the layers, left out).
 - Validation (plan.validate) runs the device's model forward over its validation rows
   (`Device.val_rows`) before and after training: its resident layers' forward times (with LoRA at
-  the plan's rank), embeddings and the head.
+  the plan's rank), embeddings and the head; a causal LM whose options span several tokens
+  scores them in a second pass (one-token options are read off the loss's pass).
 - A round is the device's busy seconds (training, probe, validation: every pass the plan asks of
   it) plus its two transfers; nothing the plan asks is free.
 """
@@ -72,6 +73,7 @@ class CostModel:
     wire_dtype: torch.dtype = torch.float32
     base_dtype: torch.dtype = torch.float32  # model.dtype: the frozen base's; LoRA and the head are float32
     precision: str = "fp32"  # train.precision: what a step's matrix products run in
+    eval_passes: int = 1  # forward passes a validation row takes: 2 where options of several tokens are scored
 
     def rate(self, device: Device) -> float:
         """How many times faster than the profile `device` computes: its speed, and its class's
@@ -127,7 +129,7 @@ class CostModel:
             layer_s = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
             forward += layer_s * self.block_share(plan.block(layer))
         tokens = rows * self.seq_len / (p.batch_size * p.seq_len)
-        return 2 * forward * tokens / self.rate(device)
+        return 2 * self.eval_passes * forward * tokens / self.rate(device)
 
     def busy_seconds(self, device: Device, plan: Plan) -> float:
         """The seconds the device computes in a round: training, the probe and validation."""
