@@ -1,6 +1,7 @@
 """What an agent measures of its memory, and the training budget rank 0 draws from it."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -12,9 +13,10 @@ import torch
 from launch import lab
 from testbed.comm.join import memory_from_dict
 from testbed.comm.wire import WireError
-from testbed.measure.memory import (MemoryMeasure, join_memory, memory_limit_mb,
-                                    peak_mb, peak_rss_mb)
-from tests.helpers import ROOT, lab_test
+from testbed.measure.memory import (MemoryMeasure, SavedTensorCounter,
+                                    join_memory, memory_limit_mb, peak_mb,
+                                    peak_rss_mb)
+from tests.helpers import ROOT, build, lab_test
 
 
 def test_the_budget_keeps_the_estimated_peak_inside_the_limit_with_a_margin():
@@ -69,3 +71,24 @@ def test_a_process_reads_its_cgroup_limit_and_a_kill_by_the_oom_killer_is_counte
         assert json.loads(run("read").stdout) == [200, 1]
     finally:
         cgroup.rmdir()
+
+
+def test_counting_a_forward_that_never_runs_backward_frees_its_graph():
+    """Measuring saved activations (measure_activations) runs forward passes and no backward: the
+    counter's hooks must not keep their graphs alive (a study running one cell after another grew
+    by the model's size each cell)."""
+    bb, _ = build("bert")
+    ids = torch.randint(5, 90, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    bb.model.train().requires_grad_(True)
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    before = live()
+    for _ in range(3):
+        with SavedTensorCounter(bb.model) as counter:
+            bb.model(**inputs).loss
+        assert counter.bytes > 0
+    assert live() == before

@@ -42,7 +42,7 @@ class SavedTensorCounter:
         if ptr not in self._params and ptr not in self._seen:
             self._seen.add(ptr)
             self.bytes += storage.nbytes()
-        return t
+        return t.detach()  # not t: a node saving its own output would hold itself (a cycle gc cannot see)
 
     def __enter__(self) -> "SavedTensorCounter":
         self._seen.clear()
