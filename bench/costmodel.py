@@ -1,21 +1,26 @@
 """The cost model against measurement, on MiniLM on this machine.
 
-A profile is measured first (`testbed profile`'s code, batch 16, length 64), or read with
---profile FILE.  Then random plans (pruned layers, per-layer ranks 2-16 on a random subset,
-layer dropout 0-0.5, personal layers, batch 8/16/32, sequence length 32/64/128) are each
+A profile is measured first (`testbed profile`'s code, batch 16, length 64, with the step's
+terms fitted to whole steps at a few shapes), or read with --profile FILE.  Then random plans
+(pruned layers, per-layer ranks 2-16 on a random subset, layer dropout 0-0.5, personal layers,
+batch 8/16/32, sequence length 32/64/128) are each
 trained for real for 5 steps after a warm-up step (AG News sample, 2 threads): the median
 step time against `CostModel.step_seconds`, and the counted training footprint (resident
 parameters, LoRA gradients and AdamW state, bytes saved for backward, at the peak step)
 against `CostModel.peak_memory_bytes`.  The memory prediction is the worst case over layer
 dropout, so plans with dropout are compared with a step where every layer ran (the last
 step runs with dropout switched off).  Also: step time as the number of resident layers
-grows (LoRA r=8 on each, batch 16, length 64), measured and predicted.
+grows (LoRA r=8 on each, batch 16, length 64), measured and predicted.  The step-time error is
+reported overall (median, worst) and by sequence length and by batch size (median per group),
+with the load average seen, since other processes on the machine skew every timing.
 Full: 40 plans.  --quick: 20 plans, 3 steps each.  One JSON object on the last line.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
@@ -103,6 +108,12 @@ def rel(measured: float, predicted: float) -> float:
     return abs(predicted - measured) / measured
 
 
+def median_error_by(rows: list[dict], key: str) -> dict[int, float]:
+    """The median step-time error of the plans sharing each value of `key`."""
+    return {v: round(statistics.median(r["time_error"] for r in rows if r[key] == v), 4)
+            for v in sorted({r[key] for r in rows})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -111,7 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     plans, steps = (20, 3) if args.quick else (40, 5)
     bench = Bench(args.profile)
-    print(f"profile: {bench.profile_s:.1f} s", file=sys.stderr)
+    print(f"profile: {bench.profile_s:.1f} s, fit {bench.profile.fit}", file=sys.stderr)
     # Warm-up: the first step on a fresh process pays for allocator growth and kernel selection.
     bench.measure(Plan(ranks=dict.fromkeys(range(6), 8), local_steps=2), 64)
     rng = random.Random(args.seed)
@@ -139,7 +150,11 @@ def main() -> None:
             "footprint_mb", "predicted_mb")
     print(json.dumps({
         "bench": "costmodel", "quick": args.quick, "plans": plans, "profile_s": round(bench.profile_s, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "fit": dataclasses.asdict(bench.profile.fit) if bench.profile.fit else None,
         "step_time_median_abs_rel_error": round(statistics.median(r["time_error"] for r in rows), 4),
+        "step_time_median_error_by_length": median_error_by(rows, "seq_len"),
+        "step_time_median_error_by_batch": median_error_by(rows, "batch"),
         "footprint_median_abs_rel_error": round(statistics.median(r["memory_error"] for r in rows), 4),
         "step_time_worst": {k: worst_t[k] for k in keep} | {"error": round(worst_t["time_error"], 4)},
         "footprint_worst": {k: worst_m[k] for k in keep} | {"error": round(worst_m["memory_error"], 4)},

@@ -89,7 +89,8 @@ def profile_batch(cfg: ExperimentConfig, exp: Experiment, memory: MemoryMeasure)
         return batch
     device = exp.bb.placement.device
     reset_peak(device)
-    probe = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, 2, cfg.model.max_length, repeats=1)
+    probe = profile_device(exp.bb, cfg.model.name, exp.info, cfg.model.lora, 2, cfg.model.max_length, repeats=1,
+                           fit=False)  # its memory, not its seconds
     small = dataclasses.replace(memory, peak_mb=peak_mb(device), counted_mb=probe.step_footprint_bytes() / MIB,
                                 other_mb=probe.other_bytes / MIB)
     budget = small.budget_mb()

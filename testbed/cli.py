@@ -260,6 +260,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
     from testbed.core.config import LoraConfig, ModelConfig
+    from testbed.measure.cores import cpu_load
     from testbed.measure.profiler import profile_device
     from testbed.model.info import model_info
     from testbed.model.load import load_backbone
@@ -272,6 +273,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     except ValueError:
         raise TestbedError(f"--ranks: expected comma-separated integers, got {args.ranks!r}") from None
     lora = LoraConfig(rank=max(ranks), alpha=2.0 * max(ranks))
+    load = cpu_load()
+    if load.oversubscribed(torch.get_num_threads()):  # threads sharing a core wait: every size costs alike
+        print(f"testbed: warning: other processes keep {load.others:.1f} threads runnable on the {load.cores} CPUs: "
+              "the profile (and the fit of its step's terms) will be a loaded machine's; profile a quiet one",
+              file=sys.stderr)
     placement = model_placement(args.device, args.precision, ("--device", "--precision"))
     bb = load_backbone(ModelConfig(name=args.model, max_length=args.seq_len, lora=lora), 4, seed=0, task=args.task)
     bb.placement = placement

@@ -11,9 +11,10 @@ from testbed.core.devices import CLASSES
 from testbed.core.plan import Job, Plan
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import setup
-from testbed.measure.profiler import profile_device
+from testbed.measure.profiler import StepFit, profile_device
 from testbed.model.lora import get_head, init_lora
 from testbed.model.tiny import tiny_config
+from testbed.server.costmodel import CostModel
 from tests.helpers import AG_NEWS
 
 
@@ -38,6 +39,33 @@ def test_predictions_are_monotonic(exp):
     assert cost.bytes_up(plan(personal=[1])) < cost.bytes_up(full)
     slow = exp.devices["jetson-tx2-0"]
     assert cost.round_seconds(slow, full) > cost.round_seconds(dev, full)
+
+
+def increasing(values: list[float]) -> bool:
+    return all(a < b for a, b in zip(values, values[1:]))
+
+
+def test_fitted_predictions_grow_with_batch_and_length(exp):
+    """With a profile's fitted terms: every cost of a plan grows with the batch (or rows) and the
+    length, and the profiled shape costs what was measured there plus the rest of the step."""
+    p = exp.cost.profile
+    fit = StepFit([[p.batch_size, p.seq_len]], layer_s=1e-3, token_s=2e-6, attention_s=1e-8, outside_s=5e-3,
+                  outside_token_s=1e-7)
+    dev = dataclasses.replace(exp.devices["laptop-0"], val_rows=24)
+    checked = plan(validate=True, probe_rows=8)
+    costs = [dataclasses.replace(exp.cost, seq_len=length, profile=dataclasses.replace(p, fit=fit))
+             for length in (32, 64, 128)]
+    for cost in costs:
+        assert increasing([cost.step_seconds(dev, dataclasses.replace(checked, batch_size=b)) for b in (8, 16, 32)])
+        assert increasing([cost.validation_seconds(dataclasses.replace(dev, val_rows=r), checked) for r in (8, 24, 48)])
+        assert increasing([cost.probe_seconds(dev, dataclasses.replace(checked, probe_rows=r)) for r in (8, 16, 32)])
+    for seconds in (CostModel.step_seconds, CostModel.validation_seconds, CostModel.probe_seconds):
+        assert increasing([seconds(cost, dev, checked) for cost in costs])
+    at_profiled = dataclasses.replace(costs[0], seq_len=p.seq_len)
+    full = plan(ranks=dict.fromkeys(range(exp.info.num_layers), 8), batch_size=p.batch_size)
+    layers = sum(f + b for f, b in zip(p.forward_lora_s[8], p.backward_s[8]))
+    outside = fit.outside(p.batch_size, p.seq_len)
+    assert at_profiled.step_seconds(dev, full) == pytest.approx((outside + layers) / dev.speed)
 
 
 def test_bytes_and_footprint_match_the_runtime(tiny_bert, tmp_path, exp):

@@ -12,10 +12,17 @@ Strategies reason about devices only through this.
   under `max_active` the layers that save the most).
 - Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
   FLOPs where no profile fits the model): forward of every layer that runs (with LoRA at the
-  plan's rank, or without LoRA), backward only at or above the lowest trained LoRA layer, each weighted by
-  the probability the layer runs, scaled linearly in tokens per step and divided by the
-  device's speed factor relative to the profiled device, and by its class's speedup in the
-  run's half precision (`train.precision`; testbed/core/devices.py).
+  plan's rank, or without LoRA), backward only at or above the lowest trained LoRA layer, each
+  weighted by the probability the layer runs.  They were measured at one shape (batch b0,
+  length L0); at the plan's batch b and the run's length L each is scaled by the profile's
+  fitted layer(b, L) / layer(b0, L0), where layer(b, L) = layer_s + token_s x b x L +
+  attention_s x b x L^2 (a fixed cost per layer and step, the matmuls per token, attention per
+  token and unit of length).  The rest of the step (embeddings, head, optimizer, Python) is
+  outside_s + outside_token_s x b x L.  The terms are fitted to whole steps the profiler timed
+  at a few shapes (`StepFit`); a profile without them (older files, FLOP-derived ones) scales
+  everything linearly in tokens.  The sum is divided by the device's speed factor relative to
+  the profiled device, and by its class's speedup in the run's half precision
+  (`train.precision`; testbed/core/devices.py).
 - Blocks: a layer running only its attention or only its FFN holds that block's parameters
   and saves that block's activations (both counted on the real model); its seconds are the
   layer's times the block's share of the layer's FLOPs (2 x parameters per token, plus the
@@ -27,6 +34,8 @@ Strategies reason about devices only through this.
   (`Device.val_rows`) before and after training: its resident layers' forward times (with LoRA at
   the plan's rank), embeddings and the head; a causal LM whose options span several tokens
   scores them in a second pass (one-token options are read off the loss's pass).
+- Both are forward passes over their rows as one batch, scaled from the profiled shape as a
+  layer is: by layer(rows, L) / layer(b0, L0).
 - A round is the device's busy seconds (training, probe, validation: every pass the plan asks of
   it) plus its two transfers; nothing the plan asks is free.
 """
@@ -87,15 +96,15 @@ class CostModel:
     def step_seconds(self, device: Device, plan: Plan) -> float:
         p, n = self.profile, self.info.num_layers
         lowest = min(plan.trained(n), default=n)
-        seconds = p.embed_s + p.head_s
+        layers = 0.0  # at the profiled shape
         running = plan.running(n)
         for layer in plan.resident(n):
             rank = plan.ranks.get(layer, 0)
             forward = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
             backward = at_rank(p.backward_s, max(rank, 1), layer) if layer >= lowest else 0.0
-            seconds += running[layer] * (forward + backward) * self.block_share(plan.block(layer))
-        tokens = plan.batch_size * self.seq_len / (p.batch_size * p.seq_len)
-        return seconds * tokens / self.rate(device)
+            layers += running[layer] * (forward + backward) * self.block_share(plan.block(layer))
+        outside = p.step_fit().outside(plan.batch_size, self.seq_len)
+        return (outside + layers * p.layer_scale(plan.batch_size, self.seq_len)) / self.rate(device)
 
     def block_share(self, block: str) -> float:
         """The fraction of a layer's FLOPs in `block` (1 for both)."""
@@ -114,7 +123,7 @@ class CostModel:
         layers = sum(p.forward_frozen_s)
         passes = 1 + n * (2 if plan.probe_blocks else 1)  # each pass after the first skips one unit:
         seconds = passes * (p.embed_s + layers) - layers  # together, the whole model's layers once
-        return seconds * plan.probe_rows * self.seq_len / (p.batch_size * p.seq_len) / self.rate(device)
+        return seconds * p.layer_scale(plan.probe_rows, self.seq_len) / self.rate(device)
 
     def validation_seconds(self, device: Device, plan: Plan) -> float:
         """Validating the device's model on its validation rows, before and after training (0 if
@@ -128,8 +137,7 @@ class CostModel:
             rank = plan.ranks.get(layer, 0)
             layer_s = at_rank(p.forward_lora_s, rank, layer) if rank else p.forward_frozen_s[layer]
             forward += layer_s * self.block_share(plan.block(layer))
-        tokens = rows * self.seq_len / (p.batch_size * p.seq_len)
-        return 2 * self.eval_passes * forward * tokens / self.rate(device)
+        return 2 * self.eval_passes * forward * p.layer_scale(rows, self.seq_len) / self.rate(device)
 
     def busy_seconds(self, device: Device, plan: Plan) -> float:
         """The seconds the device computes in a round: training, the probe and validation."""
