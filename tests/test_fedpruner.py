@@ -17,6 +17,7 @@ from testbed.measure.probe import linear_cka
 from testbed.model.lora import get_head
 from testbed.model.tiny import tiny_config
 from testbed.server.admission import check_update
+from testbed.server.costmodel import REFERENCE_GFLOPS
 from testbed.server.loop import initial_state, make_strategy
 from testbed.server.strategies.fedpruner import (contiguous_groups,
                                                  graph_groups, mean_probe)
@@ -152,9 +153,12 @@ def test_devices_probe_their_own_data_and_the_server_never_does(tiny_bert, tmp_p
         sent = (exp.cost.bytes_up(plan) - exp.cost.bytes_up(plain)) * 8 / (device.bandwidth_mbit * 1e6)
         assert exp.cost.round_seconds(device, plan) - exp.cost.round_seconds(device, plain) == pytest.approx(probe_s + sent)
         by_layer = exp.cost.probe_seconds(device, dataclasses.replace(plan, probe_blocks=False))
-        prof = exp.cost.profile  # a pass with every unit, then one without each: by blocks, one more per layer
+        # A pass with every unit, then one without each: by blocks, one more pass per layer; and the
+        # CKA of every pair of units (4 by blocks, 2 by layers; hidden size 32, 8 rows of 16 tokens).
+        prof, n = exp.cost.profile, exp.info.num_layers
         whole = (prof.embed_s + sum(prof.forward_frozen_s)) * 8 / (prof.batch_size * prof.seq_len / cfg.model.max_length)
-        assert probe_s - by_layer == pytest.approx(exp.info.num_layers * whole / device.speed)
+        cka = ((4 * 3 // 2 + 4) - (2 * 1 // 2 + 2)) * 2 * 8 * 16 * 32 ** 2 / (REFERENCE_GFLOPS * 1e9)
+        assert probe_s - by_layer == pytest.approx((n * whole + cka) / device.speed)
         assert d["bytes_up"] == pytest.approx(exp.cost.bytes_up(plan), abs=16)
         assert d["bytes_up"] - exp.cost.bytes_up(plain) >= 8 * (4 * 4 + 2 * 4)
     probe = torch.load(tmp_path / "checkpoint.pt")["strategy"]["probe"]

@@ -29,10 +29,22 @@ def units(num_layers: int, blocks: bool) -> list[tuple[int, str]]:
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA (Kornblith et al., 2019) between two (n, d) representations."""
-    x = x - x.mean(0, keepdim=True)
-    y = y - y.mean(0, keepdim=True)
-    cross = torch.linalg.norm(y.T @ x) ** 2
-    return float(cross / (torch.linalg.norm(x.T @ x) * torch.linalg.norm(y.T @ y)).clamp_min(1e-12))
+    return cka_matrix([x, y])[0][1]
+
+
+def cka_matrix(states: list[torch.Tensor]) -> list[list[float]]:
+    """Linear CKA between every pair of (n, d) representations.  Each is centred and its
+    self-similarity taken once, and each pair once (CKA is symmetric): on a 30-layer model that
+    is 465 cross products where pairing naively makes 2700."""
+    centred = [s - s.mean(0, keepdim=True) for s in states]
+    norms = [torch.linalg.norm(c.T @ c) for c in centred]
+    k = len(states)
+    out = [[1.0] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1, k):
+            cross = torch.linalg.norm(centred[j].T @ centred[i]) ** 2
+            out[i][j] = out[j][i] = float(cross / (norms[i] * norms[j]).clamp_min(1e-12))
+    return out
 
 
 @contextlib.contextmanager
@@ -79,7 +91,7 @@ def probe_layers(bb: Backbone, lora: LoraState, head: HeadState, batch: dict[str
             with skipped:
                 loss_gain.append(max(model(**batch).loss.item() - base, 0.0))
     outputs = states[1:]
-    cka = [[linear_cka(a, b) for b in outputs] for a in outputs]
+    cka = cka_matrix(outputs)
     cosine = [float(1 - torch.nn.functional.cosine_similarity(states[u], states[u + 1], dim=-1).mean())
               for u in range(len(outputs))]
     return LayerProbe(cka, {"loss": loss_gain, "cosine": cosine}, blocks)

@@ -29,7 +29,8 @@ Strategies reason about devices only through this.
   attention scores' 4 x length x hidden for the attention block).
 - A device-side probe (plan.probe_rows) runs the whole model forward once, then once per unit
   with that unit skipped, on the probe rows: charged at the profile's frozen forward times (the
-  skipped units, together one pass of the layers, left out).
+  skipped units, together one pass of the layers, left out); then the CKA of every pair of units'
+  outputs, charged by its FLOPs at the reference's rate (REFERENCE_GFLOPS).
 - Validation (plan.validate) runs the device's model forward over its validation rows
   (`Device.val_rows`) before and after training: its resident layers' forward times (with LoRA at
   the plan's rank), embeddings and the head; a causal LM whose options span several tokens
@@ -123,7 +124,12 @@ class CostModel:
         layers = sum(p.forward_frozen_s)
         passes = 1 + n * (2 if plan.probe_blocks else 1)  # each pass after the first skips one unit:
         seconds = passes * (p.embed_s + layers) - layers  # together, the whole model's layers once
-        return seconds * p.layer_scale(plan.probe_rows, self.seq_len) / self.rate(device)
+        forward = seconds * p.layer_scale(plan.probe_rows, self.seq_len)
+        # CKA between every pair of the units' outputs: a (d x tokens) by (tokens x d) product
+        # per pair and per unit (testbed.measure.probe.cka_matrix), at the reference's FLOP rate.
+        k, hidden = n * (2 if plan.probe_blocks else 1), max(i for _, i in self.info.shapes.values())
+        cka_flops = (k * (k - 1) // 2 + k) * 2 * plan.probe_rows * self.seq_len * hidden ** 2
+        return (forward + cka_flops / (REFERENCE_GFLOPS * 1e9)) / self.rate(device)
 
     def validation_seconds(self, device: Device, plan: Plan) -> float:
         """Validating the device's model on its validation rows, before and after training (0 if
