@@ -42,19 +42,19 @@ class DeviceClass:
 
 
 # Half-precision speedups.  The reference's are measured (MiniLM LoRA steps, `testbed profile
-# --precision`, 1 thread, medians of 3: bf16 2.4x, fp16 0.08x: its CPU has bf16 instructions, and
-# fp16 is emulated).  The others are assumptions from the chips' data sheets, discounted because a
+# --precision`, 2 threads, quiet, medians of 2: bf16 1.96x, fp16 0.046x: its CPU has bf16
+# instructions, and fp16 is emulated).  The others are assumptions from the chips' data sheets, discounted because a
 # small-batch LoRA step is not all matrix products: Pascal (TX2) has fp16 at twice its FP32 rate
 # and no bf16 (1.5x); Volta (Xavier NX) has fp16 tensor cores and no bf16 (2x); Ampere (Orin)
 # has both (2x); a laptop's AVX2 CPU has neither natively (bf16 1x, fp16 as the reference's).
 CLASSES = {c.name: c for c in [
     # The reference itself (measured): 2 vCPUs, AVX-512, 2 torch threads.  Power: its share of a
     # two-socket server that draws about 200 W idle and 500 W busy over 128 vCPUs: 3 / 8 W.
-    DeviceClass("reference", 1.0, 4096, 1000, 0.2, idle_w=3.0, busy_w=8.0, half={"bf16": 2.4, "fp16": 0.08}),
+    DeviceClass("reference", 1.0, 4096, 1000, 0.2, idle_w=3.0, busy_w=8.0, half={"bf16": 2.0, "fp16": 0.05}),
     # A laptop: 4 cores of a mobile x86 CPU with AVX2, about twice the reference's cores at a
     # similar per-core vector width (assumed 2x).  Power: about 5 W idle with the screen off, and a
     # 28 W mobile CPU's sustained package power plus the rest of the machine busy: 5 / 30 W.
-    DeviceClass("laptop", 2.0, 4096, 200, 5.0, idle_w=5.0, busy_w=30.0, half={"bf16": 1.0, "fp16": 0.08}),
+    DeviceClass("laptop", 2.0, 4096, 200, 5.0, idle_w=5.0, busy_w=30.0, half={"bf16": 1.0, "fp16": 0.05}),
     # Jetson TX2: 256 Pascal CUDA cores x 2 FLOP x 1.30 GHz = 0.67 TFLOPS FP32; 8 GB LPDDR4
     # shared with the CPU (NVIDIA Jetson TX2 module data sheet).  0.67e3 x 0.3 / 106 = 1.9.
     # Power: its 7.5 W (Max-Q) and 15 W (Max-P) modes taken as idle and busy.
