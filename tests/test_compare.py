@@ -104,6 +104,18 @@ def test_energy_to_target_sums_the_rounds_up_to_the_one_that_reached_it(tmp_path
     assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": 2})) is None  # an older run
 
 
+@pytest.mark.parametrize("name", ["study-llm.yaml", "study-llm80.yaml"])
+def test_the_llm_studies_load_as_docs_benchmarks_describes_them(name):
+    """make bench-llm's studies: every cell valid before hours of runs start."""
+    study = load_study(ROOT / "examples" / name)
+    devices = {sum(d.count for d in c.cfg.devices.values()) for c in study.cells}
+    assert devices == ({8} if name == "study-llm.yaml" else {80})
+    assert all(c.cfg.model.name == "smollm2" and c.cfg.data.max_test >= 800 for c in study.cells)
+    assert study.baseline.split()[0] == "fedlora"
+    tx2 = [d for c in study.cells for k, d in c.cfg.devices.items() if k == "jetson-tx2"]
+    assert tx2 and all(d.memory_mb == 640 for d in tx2)  # FedLoRA's plan (1079 MiB counted) does not fit
+
+
 def test_the_shipped_study_is_the_one_the_readme_describes():
     study = load_study(ROOT / "examples" / "study-agnews.yaml")
     assert len(study.cells) == 42 and study.baseline == "fedlora"
