@@ -99,9 +99,11 @@ class Device:
     val_rows: int = 0  # its validation split's rows: a plan that validates runs them twice a round
 
 
-def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices") -> list[Device]:
+def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices", precision: str = "fp32") -> list[Device]:
     """`{class: spec}` gives `count` devices named class-0, class-1, ...; a spec with a
-    `device_class` is one device named by its key (deployments name devices after hosts)."""
+    `device_class` is one device named by its key (deployments name devices after hosts).  A
+    class the cost model cannot time in `precision` (train.precision) is refused, save for a
+    device described by its own profile."""
     out = []
     for key, spec in mix.items():
         cls_name = spec.device_class or key
@@ -114,6 +116,11 @@ def devices_from_config(mix: dict[str, DeviceSpec], source: str = "devices") -> 
             raise TestbedError(f"{source}.{key}: speed and profile both set; a profile gives the speed")
         if spec.profile and not Path(spec.profile).is_file():
             raise TestbedError(f"{source}.{key}.profile: {spec.profile} not found")
+        if not spec.profile:
+            try:
+                precision_speedup(cls_name, precision)
+            except TestbedError as exc:
+                raise TestbedError(f"{source}.{key}: {exc}") from None
         c = CLASSES[cls_name]
         names = [key] if spec.device_class else [f"{key}-{i}" for i in range(spec.count)]
         for name in names:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from testbed.core.config import CAUSAL_LM, ExperimentConfig, ModelConfig
-from testbed.core.devices import Device, devices_from_config, precision_speedup
+from testbed.core.devices import Device, devices_from_config
 from testbed.core.errors import TestbedError
 from testbed.core.hub import check_model_name
 from testbed.data import (Dataset, Shard, Split, Splits, Tokens, load_splits,
@@ -106,13 +106,7 @@ def check_inputs(cfg: ExperimentConfig) -> Inputs:
     """Every check that needs no model (`testbed check`, and a run before its slow model load):
     the devices, the strategy's options, the data (files, columns, labels; the proxy set) and its
     shards, and that the model can be found."""
-    devices = {d.name: d for d in devices_from_config(cfg.devices)}
-    for key, spec in cfg.devices.items():  # the cost model times each class in the run's precision
-        if not spec.profile:
-            try:
-                precision_speedup(spec.device_class or key, cfg.train.precision)
-            except TestbedError as exc:
-                raise TestbedError(f"devices.{key}: {exc}") from None
+    devices = {d.name: d for d in devices_from_config(cfg.devices, precision=cfg.train.precision)}
     STRATEGIES[cfg.strategy.name].check_options(cfg)
     splits = load_splits(cfg.data, cfg.seed, cfg.task)
     shards = partition(splits.train.labels, list(devices), cfg.data, cfg.seed)

@@ -124,7 +124,7 @@ def _base(raw: dict, path: Path) -> dict:
 
 def _validate(raw: dict, source: str) -> ExperimentConfig:
     cfg = from_dict(copy.deepcopy(raw), source)
-    devices_from_config(cfg.devices, f"{source}: devices")  # device classes are checked only here
+    devices_from_config(cfg.devices, f"{source}: devices", cfg.train.precision)  # classes are checked only here
     return cfg
 
 
