@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from testbed.core.config import DataConfig, from_dict
-from testbed.core.errors import TestbedError
+from testbed.agent.agent import Agent
+from testbed.core.errors import OutOfMemory, TestbedError
 from testbed.core.options import FedPrunerOptions
-from testbed.core.plan import BOTH, LayerProbe, Plan, Update
+from testbed.core.plan import BOTH, Job, LayerProbe, Plan, Update
 from testbed.data import load_splits
 from testbed.experiments.run import run_inprocess
 from testbed.experiments.setup import check_inputs, setup
-from testbed.measure.probe import linear_cka
+from testbed.measure.probe import linear_cka, probe_layers
 from testbed.model.lora import get_head
 from testbed.model.tiny import tiny_config
 from testbed.server.admission import check_update
@@ -242,9 +243,10 @@ DEVICE_PROBE = LayerProbe(DEVICE_CKA, {"loss": [0.25, 1.0, 0.75, 1.0], "cosine":
 @pytest.mark.parametrize("grouping, selection", [("contiguous", "importance"), ("graph", "importance"),
                                                  ("graph", "sampled")])
 def test_device_probes_drive_the_grouping_and_selection_from_the_next_round(tiny_bert, grouping, selection):
-    """cka: device.  Round 0 has no probe yet: every device is asked for one and the small device's
-    units are drawn at random (as many as fit); from round 1 the mean of the probes that came back
-    groups them (graph partitioning or contiguous segments) and selects one per group."""
+    """cka: device.  Round 0 has no probe yet: every device that can hold the probe is asked for one
+    (the small device, pruned to 3 units, cannot) and the small device's units are drawn at random
+    (as many as fit); from round 1 the mean of the probes that came back groups them (graph
+    partitioning or contiguous segments) and selects one per group."""
     raw = tiny_config(tiny_bert, **{"strategy.name": "fedpruner_fine", "strategy.grouping": grouping,
                                     "strategy.selection": selection, "devices": {"laptop": 1, "jetson-tx2": 1}})
     exp = setup(from_dict(raw))
@@ -255,11 +257,14 @@ def test_device_probes_drive_the_grouping_and_selection_from_the_next_round(tiny
     state = initial_state(exp, strategy)
     plans = strategy.plan(0, list(exp.devices), state)
     assert strategy.probe is None and len(kept_units(plans["jetson-tx2-0"])) == 3
-    assert all(p.probe_rows == strategy.opts.probe_rows and p.probe_blocks for p in plans.values())
+    large = plans["laptop-0"]
+    assert large.probe_rows == strategy.opts.probe_rows and large.probe_blocks
+    assert exp.cost.probe_memory_bytes(large) > small.memory_mb * 2**20 and plans["jetson-tx2-0"].probe_rows == 0
     updates, head = [], get_head(exp.bb)
     for d, plan in plans.items():
         u = Update(d, 0, state.downlink(plan, 2), head, samples=len(exp.data.shards[d].train),
-                   active_steps=dict.fromkeys(plan.resident(2), 3), steps=3, loss=1.0, probe=DEVICE_PROBE)
+                   active_steps=dict.fromkeys(plan.resident(2), 3), steps=3, loss=1.0,
+                   probe=DEVICE_PROBE if plan.probe_rows else None)
         assert check_update(u, plan, exp.info, head, len(exp.data.shards[d].train)) is None
         updates.append(u)
     state = strategy.aggregate(0, updates, [], state)
@@ -270,3 +275,53 @@ def test_device_probes_drive_the_grouping_and_selection_from_the_next_round(tiny
     else:  # 2 or 0 from their group, in proportion to importance (3 to 1); 1 and 3 alone in theirs
         assert all(k - {0, 2} == {1, 3} and len(k) == 3 for k in kept)
         assert 0 < sum(0 in k for k in kept) < sum(2 in k for k in kept)
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_the_probe_holds_what_the_cost_model_counts(tiny_bert, tiny_decoders, model):
+    """The bytes a device-side probe holds (the whole model, every unit's output and its float copy,
+    a causal LM's logits over its vocabulary), counted on the real tensors, are what the cost
+    model predicts when every token is real (it counts padding too: an upper bound)."""
+    lm = {"task": "causal_lm", "data.prompt": "{text} topic :", "data.label_words": ["a", "b", "c", "d"]}
+    raw = tiny_config(tiny_bert, **{"strategy.name": "fedpruner"}) if model == "bert" else \
+        tiny_config(tiny_decoders["llama"], **{"strategy.name": "fedpruner", **lm})
+    exp = setup(from_dict(raw))
+    state = initial_state(exp, make_strategy(exp))
+    for blocks in (False, True):
+        plan = Plan(ranks={0: 4, 1: 4}, batch_size=8, probe_rows=8, probe_blocks=blocks)
+        batch = exp.data.train.take(list(range(8)))
+        _, padded = probe_layers(exp.bb, state.lora, state.head, batch, exp.cfg.model.lora, blocks)
+        batch["attention_mask"][:] = 1
+        _, full = probe_layers(exp.bb, state.lora, state.head, batch, exp.cfg.model.lora, blocks)
+        predicted = exp.cost.probe_memory_bytes(plan)
+        assert padded <= full and abs(predicted / full - 1) < 0.02
+        assert exp.cost.peak_memory_bytes(exp.devices["laptop-0"], plan) == max(
+            predicted, exp.cost.training_memory_bytes(plan))
+    assert exp.cost.probe_memory_bytes(dataclasses.replace(plan, probe_rows=0)) == 0
+
+
+def test_a_device_that_cannot_hold_the_probe_trains_without_probing_and_one_made_to_probe_fails(tiny_bert, tmp_path):
+    """A budget that holds the device's training but not the whole-model probe: FedPruner does not
+    ask it to probe (it trains, within its budget, every round); an agent asked anyway fails the
+    round as out of memory, as training over its budget does.  A device that probes reports the
+    probe's footprint where it is the larger."""
+    raw = tiny_config(tiny_bert, rounds=2, **{"strategy.name": "fedpruner", "strategy.probe_rows": 64,
+                                              "devices": {"laptop": 1, "jetson-tx2": 1}})
+    exp = setup(from_dict(raw))
+    plan = Plan(ranks={0: 4, 1: 4}, local_steps=3, batch_size=8)
+    probed = dataclasses.replace(plan, probe_rows=64)
+    train, probe = exp.cost.training_memory_bytes(plan) / 2**20, exp.cost.probe_memory_bytes(probed) / 2**20
+    assert probe > train  # on the tiny model, a probe of 64 rows holds more than training at batch 8
+    raw["devices"] = {"laptop": 1, "jetson-tx2": {"count": 1, "memory_mb": (train + probe) / 2}}
+    summary = run_inprocess(from_dict(raw), tmp_path / "run", quiet=True)
+    assert summary["failures"] == []
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_device = {d["device"]: d for d in rows[0]["devices"]}
+    assert by_device["jetson-tx2-0"]["peak_train_mem_mb"] < (train + probe) / 2  # trained whole, did not probe
+    assert abs(by_device["laptop-0"]["peak_train_mem_mb"] / probe - 1) < 0.05  # probed: the probe's peak
+    cfg = from_dict(raw)
+    exp = setup(cfg)
+    agent = Agent("jetson-tx2-0", cfg, exp.bb, exp.data.train, exp.data.shards["jetson-tx2-0"], (train + probe) / 2)
+    state = initial_state(exp, make_strategy(exp))
+    with pytest.raises(OutOfMemory, match="the probe needs"):
+        agent.run(0, Job(probed, state.downlink(probed, 2), state.head))

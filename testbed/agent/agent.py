@@ -16,11 +16,12 @@ import torch
 
 from testbed.agent.trainer import train_plan
 from testbed.core.config import ExperimentConfig
+from testbed.core.errors import OutOfMemory
 from testbed.core.plan import (HeadState, Job, LayerProbe, LoraState, Plan,
                                Report, Update)
 from testbed.data import Shard, Tokens
 from testbed.measure.evaluate import evaluate
-from testbed.measure.memory import (device_out_of_memory, peak_cuda_mb,
+from testbed.measure.memory import (MIB, device_out_of_memory, peak_cuda_mb,
                                     peak_cuda_reserved_mb, peak_rss_mb,
                                     reset_peak_cuda, reset_peak_rss)
 from testbed.measure.power import find_meter
@@ -69,7 +70,7 @@ class Agent:
         # The round's one copy onto the device; every pass below reads these.
         lora, head = moved({**job.lora, **self._personal_layers(plan)}, job.head, device)
         seed = zlib.crc32(f"{self.cfg.seed}/{self.device}/{round}".encode())
-        probe, probe_s = self._probe(plan, lora, head, seed)
+        probe, probe_mb, probe_s = self._probe(plan, lora, head, seed)
         hold(self.bb, plan.resident(self.bb.num_layers), plan.blocks)
         start = time.perf_counter()
         before = self._validate(plan, lora, head)
@@ -83,7 +84,7 @@ class Agent:
         cpu = torch.device("cpu")  # what leaves the round (its update, the personal layers a checkpoint saves)
         self.personal.update(moved({l: t for l, t in res.lora.items() if l in plan.personal}, {}, cpu)[0])
         report = Report(compute_s=probe_s + val_s + res.compute_s, step_s=res.step_s,
-                        peak_train_mem_mb=res.footprint_mb, peak_rss_mb=peak_rss_mb(),
+                        peak_train_mem_mb=max(res.footprint_mb, probe_mb), peak_rss_mb=peak_rss_mb(),
                         peak_cuda_mb=peak_cuda_mb(device), peak_cuda_reserved_mb=peak_cuda_reserved_mb(device),
                         val_accuracy_before=before["accuracy"], val_accuracy=after["accuracy"],
                         val_loss_before=before["loss"], val_loss=after["loss"])
@@ -92,17 +93,21 @@ class Agent:
                       samples=len(self.shard.train), active_steps=res.active_steps,
                       steps=plan.local_steps, loss=res.loss, report=report, probe=probe)
 
-    def _probe(self, plan: Plan, lora: LoraState, head: HeadState, seed: int) -> tuple[LayerProbe | None, float]:
+    def _probe(self, plan: Plan, lora: LoraState, head: HeadState,
+               seed: int) -> tuple[LayerProbe | None, float, float]:
         """When the plan asks: the whole model (every layer resident for the while) probed on
-        rows of this device's own data, with the LoRA the device holds; and the seconds it took."""
+        rows of this device's own data, with the LoRA the device holds; the MiB it held (over
+        the memory budget, the round fails as training's would) and the seconds it took."""
         if not plan.probe_rows:
-            return None, 0.0
+            return None, 0.0, 0.0
         start = time.perf_counter()
         rows = random.Random(seed).sample(self.shard.train, min(plan.probe_rows, len(self.shard.train)))
         hold(self.bb, list(range(self.bb.num_layers)))
-        probe = probe_layers(self.bb, lora, head, self.tokens.take(sorted(rows)), self.cfg.model.lora,
-                             plan.probe_blocks)
-        return probe, time.perf_counter() - start
+        probe, held = probe_layers(self.bb, lora, head, self.tokens.take(sorted(rows)), self.cfg.model.lora,
+                                   plan.probe_blocks)
+        if self.budget_mb and held / MIB > self.budget_mb:
+            raise OutOfMemory(f"the probe needs {held / MIB:.1f} MiB, the budget is {self.budget_mb:g} MiB")
+        return probe, held / MIB, time.perf_counter() - start
 
     def _validate(self, plan: Plan, lora: LoraState, head: HeadState) -> dict[str, float]:
         """This device's model (its layers and blocks, no dropout) on its own validation split."""

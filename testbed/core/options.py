@@ -132,9 +132,10 @@ class FedPrunerOptions(StrategyConfig):
     probe_rows: int = option(32, lo=2, doc="rows a probe runs on: a seeded sample of each device's own training "
                                            "rows, or of the server's proxy set")
     cka: str = option("device", choices=("device", "server"),
-                      doc="who probes: the devices, each on its own rows, sent with their updates and averaged "
-                          "by samples (used from the next round; until the first arrive, the kept units are "
-                          "drawn at random); or the server, on the public proxy set data.proxy_file (required)")
+                      doc="who probes: the devices whose memory holds the probe (every layer), each on its own "
+                          "rows, sent with their updates and averaged by samples (used from the next round; "
+                          "until the first arrive, the kept units are drawn at random); or the server, on the "
+                          "public proxy set data.proxy_file (required)")
 
 # The options of each strategy, by the name configs use (`strategy.name`).
 STRATEGY_OPTIONS: dict[str, type[StrategyConfig]] = {

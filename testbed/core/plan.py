@@ -99,7 +99,7 @@ class Report:
 
     compute_s: float = 0.0  # seconds of local work (wall): the probe and validation, if asked, and training
     step_s: float = 0.0  # median seconds per training step (wall)
-    peak_train_mem_mb: float = 0.0  # counted training footprint (see testbed.measure.memory)
+    peak_train_mem_mb: float = 0.0  # counted footprint: training's, or the probe's where larger (testbed.measure)
     peak_rss_mb: float = 0.0  # process peak resident set size
     peak_cuda_mb: float = 0.0  # torch.cuda.max_memory_allocated in the round, where the model is on CUDA
     bytes_up: int = 0

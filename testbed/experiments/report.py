@@ -16,11 +16,10 @@ import statistics
 from pathlib import Path
 
 from testbed.core.devices import CLASSES
-from testbed.measure.memory import MIB
 from testbed.core.files import atomic_write
 from testbed.experiments.plots import plot_setting
 from testbed.experiments.runs import Group, Run, group_runs, load_run
-
+from testbed.measure.memory import MIB
 
 
 def slug(text: str) -> str:

@@ -17,6 +17,7 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -54,10 +55,15 @@ class SavedTensorCounter:
         self._hooks.__exit__(*exc)
 
 
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes of these tensors' elements, each at its own dtype."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def training_footprint(model: nn.Module, saved_bytes: int, optimizer_states_per_param: int = 2) -> int:
     """Resident parameters + gradients and optimizer state of trainable ones + saved activations."""
-    resident = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    resident = nbytes(model.parameters())
+    trainable = nbytes(p for p in model.parameters() if p.requires_grad)
     return resident + trainable * (1 + optimizer_states_per_param) + saved_bytes
 
 

@@ -5,6 +5,11 @@ attention block and FFN block (the stream after the attention block is caught as
 of the FFN block's first module).  Hidden states are compared token by token (padding
 excluded).  Importance of a unit: the loss increase when it is skipped (`loss`), or
 1 - cosine similarity between its input and its output (`cosine`).
+
+The probe holds the whole model, with every unit's output and their float copies for the CKA,
+while it runs: `probe_layers` also returns those bytes, counted as the training footprint is
+(tensors held, at their own dtypes), with a pass's logits and the loss's log-probabilities of
+the same size on top of the kept output's.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from testbed.core.config import LoraConfig
 from testbed.core.plan import BOTH, HeadState, LayerProbe, LoraState
+from testbed.measure.memory import nbytes
 from testbed.model.backbone import Backbone
 from testbed.model.layers import running_layers
 from testbed.model.lora import lora_applied, set_head, set_lora
@@ -66,7 +72,8 @@ def after_attention(bb: Backbone, enabled: bool) -> Iterator[dict[int, torch.Ten
 
 @torch.no_grad()
 def probe_layers(bb: Backbone, lora: LoraState, head: HeadState, batch: dict[str, torch.Tensor],
-                 lora_cfg: LoraConfig, blocks: bool = False) -> LayerProbe:
+                 lora_cfg: LoraConfig, blocks: bool = False) -> tuple[LayerProbe, int]:
+    """The probe, and the bytes it held at its peak (see the module's docstring)."""
     ranks = {l: next(t.shape[0] for n, t in ts.items() if n.endswith(".A")) for l, ts in lora.items()}
     batch = bb.placement.inputs(batch)
     mask = batch["attention_mask"].bool()
@@ -81,6 +88,8 @@ def probe_layers(bb: Backbone, lora: LoraState, head: HeadState, batch: dict[str
         hidden = out.hidden_states  # L + 1: the embeddings, then each layer
         states = [hidden[0]] + [s for l in range(n) for s in ((mid[l], hidden[l + 1]) if blocks else (hidden[l + 1],))]
         states = [s[mask].float() for s in states]
+        held = (nbytes(model.parameters()) + nbytes(hidden) + nbytes(mid.values()) + nbytes(states)
+                + 3 * nbytes([out.logits]))
         base = out.loss.item()
         loss_gain = []
         for layer, block in units(n, blocks):
@@ -94,4 +103,4 @@ def probe_layers(bb: Backbone, lora: LoraState, head: HeadState, batch: dict[str
     cka = cka_matrix(outputs)
     cosine = [float(1 - torch.nn.functional.cosine_similarity(states[u], states[u + 1], dim=-1).mean())
               for u in range(len(outputs))]
-    return LayerProbe(cka, {"loss": loss_gain, "cosine": cosine}, blocks)
+    return LayerProbe(cka, {"loss": loss_gain, "cosine": cosine}, blocks), held

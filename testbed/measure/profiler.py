@@ -27,7 +27,7 @@ import yaml
 
 from testbed.core.config import CAUSAL_LM, LoraConfig
 from testbed.core.errors import TestbedError
-from testbed.measure.memory import SavedTensorCounter
+from testbed.measure.memory import SavedTensorCounter, nbytes
 from testbed.model.backbone import Backbone
 from testbed.model.info import ModelInfo
 from testbed.model.lora import lora_applied
@@ -193,8 +193,8 @@ def profile_device(bb: Backbone, name: str, info: ModelInfo, lora_cfg: LoraConfi
     rank = min(ranks)  # the rank DeviceProfile.layers_s reads
     step_fit = (_fitted(bb, lora_cfg, rank, fit_shapes(batch_size, seq_len, _max_len(bb)), timed[rank], repeats)
                 if fit else None)
-    layer_bytes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in bb.layers]
-    total = sum(p.numel() * p.element_size() for p in bb.model.parameters())
+    layer_bytes = [nbytes(layer.parameters()) for layer in bb.layers]
+    total = nbytes(bb.model.parameters())
     per_rank = sum(o + i for o, i in info.shapes.values()) * 4
     return DeviceProfile(model=name, fingerprint=fingerprint(info), num_layers=n, batch_size=batch_size,
                          seq_len=seq_len, threads=torch.get_num_threads(), forward_frozen_s=frozen["forward"],

@@ -20,6 +20,7 @@ class ModelInfo:
     block_params: dict[str, int] = dataclasses.field(default_factory=dict)  # "attn"/"ffn" of one layer; {}: unknown
     module_blocks: dict[str, str | None] = dataclasses.field(default_factory=dict)  # LoRA module -> its block
     task: str = "classification"  # or "causal_lm": the head then runs on every token
+    vocab_size: int = 0  # a causal LM's logits per token (0 for classification: a row's few logits)
 
 def model_info(bb: Backbone) -> ModelInfo:
     shapes = {}
@@ -31,4 +32,5 @@ def model_info(bb: Backbone) -> ModelInfo:
     blocks = {b: sum(p.numel() for c in children for p in bb.layers[0].get_submodule(c).parameters())
               for b, children in bb.blocks.items()}
     return ModelInfo(bb.num_layers, bb.modules, shapes, bb.scaling, layer_params,
-                     total - layer_params * bb.num_layers, blocks, {m: bb.block_of(m) for m in shapes}, bb.task)
+                     total - layer_params * bb.num_layers, blocks, {m: bb.block_of(m) for m in shapes}, bb.task,
+                     bb.model.config.vocab_size if bb.task == "causal_lm" else 0)

@@ -3,9 +3,10 @@
 Strategies reason about devices only through this.
 - Bytes: what the wire sends for the plan's messages, computed from their layout (the LoRA
   slices the plan shares, the head, the header), exact up to a few header bytes.
-- Memory: resident parameters (the plan's layers plus embeddings and head, at `model.dtype`),
-  float32 LoRA weights with their gradients and AdamW state, and the activations saved for
-  backward by the layers at or above the lowest LoRA layer (below it nothing is saved).  Saved
+- Memory: the larger of training's and, where the plan asks for one, the device-side probe's
+  (the whole model resident, every unit's output kept for the CKA).  Training's: resident
+  parameters (the plan's layers plus embeddings and head, at `model.dtype`), float32 LoRA
+  weights with their gradients and AdamW state, and the activations saved for backward by the layers at or above the lowest LoRA layer (below it nothing is saved).  Saved
   bytes per token are counted once per run on the real model (`measure_activations`, in the
   run's precision: autocast's copies of weights included), so the figure is exact for
   the run's sequence length; memory is the worst case over dropout (every layer runs, or
@@ -181,6 +182,10 @@ class CostModel:
         return LENGTH_PREFIX + packed_size(update_message(update, 0), self.wire_dtype)
 
     def peak_memory_bytes(self, device: Device, plan: Plan) -> int:
+        """What the round holds at its peak: training, or the probe where the plan asks for one."""
+        return max(self.training_memory_bytes(plan), self.probe_memory_bytes(plan))
+
+    def training_memory_bytes(self, plan: Plan) -> int:
         n, act = self.info.num_layers, self.activations
         params = {BOTH: self.info.layer_params, **self.info.block_params}
         per_layer = {BOTH: act.per_layer, **act.per_block}
@@ -193,6 +198,21 @@ class CostModel:
         saved = tokens * (act.fixed + sum(saving[: plan.max_active or None]))  # the worst step under the cap
         head = sum(torch.Size(s).numel() for s in self.head_shapes.values()) * FLOAT_BYTES
         return int(resident * self.base_dtype.itemsize + (4 * lora + frozen) * FLOAT_BYTES + 3 * head + saved)
+
+    def probe_memory_bytes(self, plan: Plan) -> int:
+        """The device-side probe (0 if the plan asks none): every layer resident with the LoRA the
+        plan sends, the outputs of the embeddings, of every layer (and attention block, by block)
+        and their float copies for the CKA, every token counted (the probe copies only those that
+        are not padding), and three logits' worth of a causal LM's vocabulary (testbed.measure.probe)."""
+        if not plan.probe_rows:
+            return 0
+        n, info = self.info.num_layers, self.info
+        hidden = max(i for _, i in info.shapes.values())
+        held = (1 + n * (2 if plan.probe_blocks else 1)) * hidden * (self.base_dtype.itemsize + FLOAT_BYTES)
+        per_token = held + 3 * info.vocab_size * FLOAT_BYTES
+        return int((n * info.layer_params + info.other_params) * self.base_dtype.itemsize
+                   + self.lora_params(plan, plan.downlink(n)) * FLOAT_BYTES
+                   + plan.probe_rows * self.seq_len * per_token)
 
     def fits(self, device: Device, plan: Plan) -> bool:
         return self.peak_memory_bytes(device, plan) <= device.memory_mb * MIB

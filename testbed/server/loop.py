@@ -50,7 +50,7 @@ def server_probe(exp: Experiment, state: GlobalState, rows: int, blocks: bool) -
     proxy set (data.proxy_file): the only rows a real server holds, so never the devices'."""
     proxy = exp.data.proxy
     idx = random.Random(exp.cfg.seed).sample(range(len(proxy)), min(rows, len(proxy)))
-    return probe_layers(exp.bb, state.lora, state.head, proxy.take(sorted(idx)), exp.cfg.model.lora, blocks)
+    return probe_layers(exp.bb, state.lora, state.head, proxy.take(sorted(idx)), exp.cfg.model.lora, blocks)[0]
 
 
 SPEED_EMA = 0.5  # weight of the previous estimate in the moving average of device speeds

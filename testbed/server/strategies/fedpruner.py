@@ -5,7 +5,8 @@ layers (`fedpruner`) or each layer's attention block and FFN block (`fedpruner_f
 layer may run only one of them).  Every `regroup_every` rounds the units are probed: by the
 devices on rows of their own data, sent with their updates and averaged by samples (`cka:
 device`, the default: used from the next round; until the first probes arrive, round 0 among
-them, the kept units are drawn at random), or by the server on the public proxy set the run
+them, the kept units are drawn at random; a device whose memory cannot hold the probe, which
+holds every layer, does not probe), or by the server on the public proxy set the run
 names (`cka: server`, which needs `data.proxy_file`: spares small devices a full-model pass;
 the server holds no other rows).  For each device, K = the most units whose selected submodel
 the cost model says fits its memory budget; the units are partitioned into K groups by the
@@ -149,9 +150,10 @@ class FedPruner(Strategy):
         plans = {}
         for device in self.sample(round, available):
             plans[device] = self.pruner.submodel(device, self.probe)
-            if probing and self.opts.cka == "device":
-                plans[device] = dataclasses.replace(plans[device], probe_rows=self.opts.probe_rows,
-                                                    probe_blocks=self.fine)
+            probed = dataclasses.replace(plans[device], probe_rows=self.opts.probe_rows, probe_blocks=self.fine)
+            # A device probes only if it can hold the whole model for it (the pruned ones often cannot).
+            if probing and self.opts.cka == "device" and self.ctx.cost.fits(self.ctx.devices[device], probed):
+                plans[device] = probed
         return plans
 
     def aggregate(self, round: int, updates: list[Update], failures: list[Failure],
