@@ -15,9 +15,11 @@ import yaml
 
 from testbed.core.config import ExperimentConfig, save_config
 from testbed.core.errors import TestbedError
-from testbed.experiments.report import energy_to_target, write_report
+from testbed.experiments.report import (_tables, energy_to_target,
+                                        group_stats, versus, write_report)
 from testbed.experiments.run import run_inprocess
-from testbed.experiments.runs import Run, find_runs, load_run, read_rows, strip_wall
+from testbed.experiments.runs import (Group, Run, find_runs, load_run,
+                                      read_rows, strip_wall)
 from testbed.experiments.study import load_study, run_study
 from testbed.model.tiny import tiny_config
 from tests.helpers import ROOT, cli
@@ -102,6 +104,26 @@ def test_energy_to_target_sums_the_rounds_up_to_the_one_that_reached_it(tmp_path
     never = Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": None, "energy_j": 70.0})
     assert energy_to_target(never) is None
     assert energy_to_target(Run(tmp_path, ExperimentConfig(), rows, {"rounds_to_target": 2})) is None  # an older run
+
+
+def test_a_class_whose_devices_never_finished_a_round_shows_no_footprint_rather_than_zero(tmp_path):
+    """FedLoRA's TX2s in the LLM study fail every round (out of memory): their class has no
+    footprint, which the table says, and a seed where the class did finish is averaged alone."""
+    def run(seed: int, peaks: dict[str, float]) -> Run:
+        summary = {"time_to_target_s": None, "rounds_to_target": None, "final_accuracy": 0.5, "best_accuracy": 0.5,
+                   "devices": {f"{c}-0": {"class": c, "peak_train_mem_mb": mb} for c, mb in peaks.items()},
+                   "peak_rss_mb": 1.0, "bytes_up": 8, "bytes_down": 8, "rounds": 1, "failures": []}
+        return Run(tmp_path / str(seed), dataclasses.replace(ExperimentConfig(), seed=seed), [{}], summary)
+
+    full = Group("s", "fedlora", [run(0, {"laptop": 100.0}), run(1, {"laptop": 120.0})])
+    pruned = Group("s", "fedpruner", [run(0, {"laptop": 100.0, "jetson-tx2": 50.0}), run(1, {"laptop": 100.0})])
+    for g in (full, pruned):
+        g.stats = group_stats(g, tmp_path)
+        g.stats["vs_baseline"] = versus(g.stats, full.stats)
+    assert full.stats["peak_train_mem_mb_by_class"] == {"laptop": 110.0}
+    assert pruned.stats["peak_train_mem_mb_by_class"] == {"laptop": 100.0, "jetson-tx2": 50.0}
+    table = "\n".join(_tables([full, pruned], "fedlora", True))
+    assert "| `fedlora` | 110.0 | none finished |" in table and "| `fedpruner` | 100.0 | 50.0 |" in table
 
 
 @pytest.mark.parametrize("name", ["study-llm.yaml", "study-llm80.yaml"])

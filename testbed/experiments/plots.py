@@ -94,7 +94,7 @@ def memory(ax, groups: list[Group], colors: dict, baseline: str) -> None:
     classes = sorted({c for g in groups for c in g.stats["peak_train_mem_mb_by_class"]}, key=list(CLASSES).index)
     width = 0.8 / len(groups)
     for j, g in enumerate(groups):
-        values = [g.stats["peak_train_mem_mb_by_class"].get(c, 0.0) for c in classes]
+        values = [g.stats["peak_train_mem_mb_by_class"].get(c, np.nan) for c in classes]  # nan: none finished
         ax.bar(np.arange(len(classes)) + (j - (len(groups) - 1) / 2) * width, values, width,
                color=colors[g.method], label=g.method)
     ax.set_xticks(range(len(classes)), classes)

@@ -73,7 +73,9 @@ def group_stats(g: Group, out: Path) -> dict:
         "reached": len(times), "time_to_target_s": ttt_mean, "time_to_target_std": ttt_std,
         "final_accuracy": final_mean, "final_accuracy_std": final_std,
         "best_accuracy": statistics.fmean(r.summary["best_accuracy"] for r in runs),
-        "peak_train_mem_mb_by_class": {c: statistics.fmean(class_peaks(r).get(c, 0.0) for r in runs) for c in classes},
+        # A class none of whose devices finished a round (all out of memory, say) has no figure.
+        "peak_train_mem_mb_by_class": {c: statistics.fmean(p[c] for r in runs if c in (p := class_peaks(r)))
+                                       for c in classes},
         "mean_device_peak_train_mem_mb": statistics.fmean(
             statistics.fmean(d["peak_train_mem_mb"] for d in r.summary["devices"].values()) for r in runs),
         "peak_rss_mb": max(r.summary["peak_rss_mb"] for r in runs),
@@ -172,13 +174,14 @@ def _tables(groups: list[Group], baseline: str, has_base: bool) -> list[str]:
     head2 = ["method", *(f"{c} footprint (MiB)" for c in classes), "process peak RSS (MiB)",
              "MiB up / round", "MiB down / round", "per-round traffic reduction", "energy (kJ)",
              "energy to target (kJ)", "energy reduction", "measured energy (kJ)", "failures"]
-    rows2 = [[f"`{g.method}`", *(f"{g.stats['peak_train_mem_mb_by_class'].get(c, 0.0):.1f}" for c in classes),
+    by_class = [g.stats["peak_train_mem_mb_by_class"] for g in groups]
+    rows2 = [[f"`{g.method}`", *(f"{peaks[c]:.1f}" if c in peaks else "none finished" for c in classes),
               f"{g.stats['peak_rss_mb']:.0f}", f"{g.stats['bytes_up_per_round'] / MIB:.2f}",
               f"{g.stats['bytes_down_per_round'] / MIB:.2f}",
               _reduction(g.stats["vs_baseline"]["per_round_traffic_reduction"]), _kilo(g.stats["energy_j"]),
               _kilo(g.stats["energy_to_target_j"]), _reduction(g.stats["vs_baseline"]["energy_reduction"]),
               _kilo(g.stats["measured_energy_j"]), str(g.stats["failures"])]
-             for g in groups]
+             for g, peaks in zip(groups, by_class)]
     missing = [] if has_base else ["", f"No `{baseline}` runs in this setting: no ratios."]
     return [*_md_table(head, rows), "", *_md_table(head2, rows2), *missing]
 
@@ -203,9 +206,11 @@ def _notes(baseline: str) -> list[str]:
             f"- *Speed-up vs {baseline}*: mean time to target of `{baseline}` / this method's (over the seeds "
             "that reached it); above 1 is faster.",
             "- *Memory*: the counted training footprint (resident parameters + LoRA gradients + optimizer "
-            "state + bytes autograd saved for backward), per device. The per-class columns are the largest "
-            "footprint of that class's devices (mean over seeds); *memory reduction* compares the mean over "
-            "devices of each device's peak with the baseline's. *Process peak RSS* is the real resident set "
+            "state + bytes autograd saved for backward; a device-side probe's where larger), per device. The "
+            "per-class columns are the largest footprint of that class's devices (mean over the seeds where "
+            "one finished a round; *none finished*: every round of every such device failed, out of memory "
+            "say); *memory reduction* compares the mean over the devices that finished a round of each "
+            "device's peak with the baseline's. *Process peak RSS* is the real resident set "
             "of the process that ran the devices: in-process runs share one process, and the cells of a "
             "`testbed compare` study run one after another in one process, so it is an upper bound, not a "
             "per-device figure.",
