@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.core.config import ExperimentConfig, save_config
+from testbed.core.config import ExperimentConfig, default_lr, save_config
 from testbed.core.errors import TestbedError
 from testbed.experiments.report import (_tables, energy_to_target,
                                         group_stats, versus, write_report)
@@ -133,6 +133,7 @@ def test_the_llm_studies_load_as_docs_benchmarks_describes_them(name):
     devices = {sum(d.count for d in c.cfg.devices.values()) for c in study.cells}
     assert devices == ({8} if name == "study-llm.yaml" else {80})
     assert all(c.cfg.model.name == "smollm2" and c.cfg.data.max_test >= 800 for c in study.cells)
+    assert {c.cfg.train.lr for c in study.cells} == {default_lr("smollm2")}  # chosen on validation rows
     assert study.baseline.split()[0] == "fedlora"
     tx2 = [d for c in study.cells for k, d in c.cfg.devices.items() if k == "jetson-tx2"]
     assert tx2 and all(d.memory_mb == 640 for d in tx2)  # FedLoRA's plan (1079 MiB counted) does not fit

@@ -136,7 +136,7 @@ class DataConfig:
 
 # `train.lr: auto`, by model.name: the learning rate bench/lr.py measured as best for LoRA on the model
 # (docs/benchmarks.md, "Learning rate").  A model not measured gets FALLBACK_LR, a cautious value.
-MEASURED_LR = {"minilm": 4e-3}
+MEASURED_LR = {"minilm": 4e-3, "smollm2": 4e-3}
 FALLBACK_LR = 5e-4
 
 
