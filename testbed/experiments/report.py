@@ -174,16 +174,19 @@ def _tables(groups: list[Group], baseline: str, has_base: bool) -> list[str]:
     head2 = ["method", *(f"{c} footprint (MiB)" for c in classes), "process peak RSS (MiB)",
              "MiB up / round", "MiB down / round", "per-round traffic reduction", "energy (kJ)",
              "energy to target (kJ)", "energy reduction", "measured energy (kJ)", "failures"]
-    by_class = [g.stats["peak_train_mem_mb_by_class"] for g in groups]
-    rows2 = [[f"`{g.method}`", *(f"{peaks[c]:.1f}" if c in peaks else "none finished" for c in classes),
+    rows2 = [[f"`{g.method}`", *(_footprint(g.stats["peak_train_mem_mb_by_class"], c) for c in classes),
               f"{g.stats['peak_rss_mb']:.0f}", f"{g.stats['bytes_up_per_round'] / MIB:.2f}",
               f"{g.stats['bytes_down_per_round'] / MIB:.2f}",
               _reduction(g.stats["vs_baseline"]["per_round_traffic_reduction"]), _kilo(g.stats["energy_j"]),
               _kilo(g.stats["energy_to_target_j"]), _reduction(g.stats["vs_baseline"]["energy_reduction"]),
               _kilo(g.stats["measured_energy_j"]), str(g.stats["failures"])]
-             for g, peaks in zip(groups, by_class)]
+             for g in groups]
     missing = [] if has_base else ["", f"No `{baseline}` runs in this setting: no ratios."]
     return [*_md_table(head, rows), "", *_md_table(head2, rows2), *missing]
+
+
+def _footprint(peaks: dict[str, float], device_class: str) -> str:
+    return f"{peaks[device_class]:.1f}" if device_class in peaks else "none finished"
 
 
 def _reduction(x: float | None) -> str:

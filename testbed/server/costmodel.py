@@ -6,7 +6,8 @@ Strategies reason about devices only through this.
 - Memory: the larger of training's and, where the plan asks for one, the device-side probe's
   (the whole model resident, every unit's output kept for the CKA).  Training's: resident
   parameters (the plan's layers plus embeddings and head, at `model.dtype`), float32 LoRA
-  weights with their gradients and AdamW state, and the activations saved for backward by the layers at or above the lowest LoRA layer (below it nothing is saved).  Saved
+  weights with their gradients and AdamW state, and the activations saved for backward by the
+  layers at or above the lowest LoRA layer (below it nothing is saved).  Saved
   bytes per token are counted once per run on the real model (`measure_activations`, in the
   run's precision: autocast's copies of weights included), so the figure is exact for
   the run's sequence length; memory is the worst case over dropout (every layer runs, or

@@ -150,10 +150,11 @@ class FedPruner(Strategy):
         plans = {}
         for device in self.sample(round, available):
             plans[device] = self.pruner.submodel(device, self.probe)
-            probed = dataclasses.replace(plans[device], probe_rows=self.opts.probe_rows, probe_blocks=self.fine)
-            # A device probes only if it can hold the whole model for it (the pruned ones often cannot).
-            if probing and self.opts.cka == "device" and self.ctx.cost.fits(self.ctx.devices[device], probed):
-                plans[device] = probed
+            if probing and self.opts.cka == "device":
+                probed = dataclasses.replace(plans[device], probe_rows=self.opts.probe_rows, probe_blocks=self.fine)
+                # A device probes only if it can hold the whole model for it (pruned ones often cannot).
+                if self.ctx.cost.fits(self.ctx.devices[device], probed):
+                    plans[device] = probed
         return plans
 
     def aggregate(self, round: int, updates: list[Update], failures: list[Failure],
