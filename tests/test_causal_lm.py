@@ -123,6 +123,23 @@ def test_every_strategy_runs_a_round_on_causal_lm(tiny_decoders, tmp_path, name)
     assert 0 <= row["zero_shot_accuracy"] <= 1 and summary["zero_shot_accuracy"] == row["zero_shot_accuracy"]
 
 
+def test_runs_on_one_model_and_test_set_score_the_untuned_model_once(tiny_decoders, tmp_path, monkeypatch):
+    from testbed.server import loop
+    monkeypatch.setattr(loop, "ZERO_SHOT", {})
+    base = tiny_config(tiny_decoders["llama"], rounds=1, **LM)
+
+    def zero_shot(name: str, **changes) -> float:
+        run_inprocess(from_dict({**base, **changes}), tmp_path / name, quiet=True)
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text())["zero_shot_loss"]
+
+    first = zero_shot("fedlora")
+    assert zero_shot("droppeft", strategy={"name": "droppeft"}) == first and len(loop.ZERO_SHOT) == 1
+    fewer = zero_shot("fewer-test-rows", data={**base["data"], "synthetic_test": 32})
+    assert fewer != first and len(loop.ZERO_SHOT) == 2
+    loop.ZERO_SHOT.clear()  # computed afresh, the figure is the one the second run was given
+    assert zero_shot("again") == first
+
+
 def test_free_text_responses_report_loss_and_perplexity_but_no_accuracy(tiny_decoders, tmp_path):
     rows = [{"question": f"what is {i} plus one", "answer": f"it is {i + 1}"} for i in range(40)]
     path = tmp_path / "qa.jsonl"
