@@ -48,7 +48,7 @@ bench: install
 	done; \
 	echo "make bench: $$(( $$(date +%s) - start )) s; the study's report: $(STUDY)/report.md"
 
-# The methods on the bundled SmolLM2 (about 5 h at its present sizes: run it in the background).  Each study's
+# The methods on the bundled SmolLM2 (about 2 h: run it in the background).  Each study's
 # report.md, report.json and plots are kept in git (.gitignore); its run directories are not.
 LLM_STUDIES := study-llm study-llm80
 
