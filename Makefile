@@ -48,7 +48,7 @@ bench: install
 	done; \
 	echo "make bench: $$(( $$(date +%s) - start )) s; the study's report: $(STUDY)/report.md"
 
-# The methods on the bundled SmolLM2 (about 2 h: run it in the background).  Each study's
+# The methods on the bundled SmolLM2 (about 2.5 h: run it in the background).  Each study's
 # report.md, report.json and plots are kept in git (.gitignore), and so are each finished cell's
 # config.yaml, metrics.jsonl and summary.json: a later run skips those cells (checkpoints stay out).
 LLM_STUDIES := study-llm study-llm80
