@@ -23,9 +23,13 @@ def measure_activations(bb, lora_cfg, seq_len: int, batch: int = 2) -> Activatio
     from testbed.model.layers import running_layers
     from testbed.model.lora import lora_applied
 
-    ids = torch.full((batch, seq_len), bb.model.config.pad_token_id or 0, dtype=torch.long)
-    ids[:, : seq_len // 2] = 1000 % bb.model.config.vocab_size
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": bb.stand_in_labels(ids)}
+    # Padding makes the attention take an explicit mask, which saves more than a batch without any
+    # (training pads to max_length): the first row is full, the others half padding.
+    ids = torch.full((batch, seq_len), 1000 % bb.model.config.vocab_size, dtype=torch.long)
+    ids[1:, seq_len // 2:] = bb.model.config.pad_token_id or 0
+    mask = torch.ones_like(ids)
+    mask[1:, seq_len // 2:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": bb.stand_in_labels(ids)}
     n, saved = bb.num_layers, []
     every = list(range(n))
     runs = [(every, None), ([n - 1], None)] + ([(every, dict.fromkeys(every, "attn"))] if bb.blocks else [])
