@@ -9,8 +9,9 @@ Strategies reason about devices only through this.
   weights with their gradients and AdamW state, and the activations saved for backward by the
   layers at or above the lowest LoRA layer (below it nothing is saved).  Saved
   bytes per token are counted once per run on the real model (`measure_activations`, in the
-  run's precision: autocast's copies of weights included), so the figure is exact for
-  the run's sequence length; memory is the worst case over dropout (every layer runs, or
+  run's precision: autocast's copies of weights included; on a batch with padding, whose
+  attention mask makes attention save more), so the figure holds for the run's sequence
+  length; memory is the worst case over dropout (every layer runs, or
   under `max_active` the layers that save the most).
 - Time: a DeviceProfile's per-layer seconds (measured by `testbed profile`, or derived from
   FLOPs where no profile fits the model): forward of every layer that runs (with LoRA at the
