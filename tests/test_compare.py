@@ -136,7 +136,7 @@ def test_the_llm_studies_load_as_docs_benchmarks_describes_them(name):
     assert {c.cfg.train.lr for c in study.cells} == {default_lr("smollm2")}  # chosen on validation rows
     assert study.baseline.split()[0] == "fedlora"
     tx2 = [d for c in study.cells for k, d in c.cfg.devices.items() if k == "jetson-tx2"]
-    assert tx2 and all(d.memory_mb == 640 for d in tx2)  # FedLoRA's plan (939 MiB counted) does not fit
+    assert tx2 and all(d.memory_mb == 640 for d in tx2)  # FedLoRA's plan (975 MiB counted) does not fit
 
 
 def test_the_shipped_study_is_the_one_the_readme_describes():
