@@ -78,6 +78,10 @@ def leftovers(state: lab.LabState, pids: list[int]) -> list[str]:
     return found
 
 
+# Task causal_lm on AG News topics: the prompt and the label words the tiny decoders score.
+WORDS = ["politics", "sports", "business", "science"]
+LM = {"task": "causal_lm", "data.prompt": "{text} topic :", "data.label_words": WORDS, "model.max_length": 24}
+
 # Tiny random models of every supported family, with the path of their layer list.
 
 SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)

@@ -12,9 +12,7 @@ from testbed.experiments.run import run_inprocess
 from testbed.measure.scoring import option_logliks
 from testbed.model.tiny import DECODERS, decoder_tokenizer, tiny_config
 from testbed.server.strategies import STRATEGIES
-
-WORDS = ["politics", "sports", "business", "science"]
-LM = {"task": "causal_lm", "data.prompt": "{text} topic :", "data.label_words": WORDS, "model.max_length": 24}
+from tests.helpers import LM, WORDS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from testbed.measure.profiler import StepFit, profile_device
 from testbed.model.lora import get_head, init_lora
 from testbed.model.tiny import DECODERS, tiny_config
 from testbed.server.costmodel import CostModel
-from tests.helpers import AG_NEWS
+from tests.helpers import AG_NEWS, LM
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,6 @@ def test_padded_batches_train_within_the_memory_the_cost_model_counts(tiny_decod
     """Padding makes the attention take an explicit mask, which saves more for backward than a
     batch without padding: the count must hold for the padded batches training draws."""
     from testbed.agent.trainer import train_plan
-    from tests.test_causal_lm import LM
 
     cfg = from_dict(tiny_config(tiny_decoders[family], **{**LM, "model.max_length": 48}))
     exp = setup(cfg)

@@ -27,7 +27,7 @@ from testbed.model.load import load_backbone
 from testbed.model.tiny import tiny_config
 from testbed.server.loop import make_strategy
 from testbed.server.strategies.legend import candidates
-from tests.helpers import ENV, ROOT, write_config
+from tests.helpers import ENV, LM, ROOT, write_config
 
 pytestmark = pytest.mark.dist
 
@@ -104,10 +104,8 @@ def test_inprocess_and_mpirun_agree_bitwise(tiny_bert, tmp_path, wire_dtype):
 def test_causal_lm_over_mpirun_agrees_bitwise_with_in_process(tiny_decoders, tmp_path):
     """A causal LM's agents hold their layers lazily (read from the causal-LM checkpoint), send
     LoRA and no head, and score label words as the in-process run does."""
-    raw = tiny_config(tiny_decoders["llama"], rounds=2, task="causal_lm", devices={"laptop": 2, "jetson-tx2": 1},
-                      **{"data.prompt": "{text} topic :", "data.label_words": ["politics", "sports", "business",
-                                                                                "science"],
-                         "strategy.name": "droppeft", "model.max_length": 24})
+    raw = tiny_config(tiny_decoders["llama"], rounds=2, devices={"laptop": 2, "jetson-tx2": 1},
+                      **{**LM, "strategy.name": "droppeft"})
     proc = mpirun(write_config(tmp_path, raw), tmp_path / "mpi", agents=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.set_num_threads(1)
